@@ -195,7 +195,7 @@ def tiny() -> CodecConfig:
         codebook_size=1024,
         cc_hidden=(28, 16),
     )
-    ctrl = ControlConfig(ratio=0.2, num_head_channels=4, norm_groups=32)
+    ctrl = ControlConfig(ratio=0.2, num_head_channels=4, norm_groups=8)  # 1x1 bottleneck of a 64-px image needs >1 value per group
     return CodecConfig(name="tiny", vae=vae, unet=unet, compression=comp, control=ctrl)
 
 
