@@ -23,8 +23,8 @@ PAD_MULTIPLE = 64
 FINGERPRINT_LEN = 4
 CRC_LEN = 4
 MAX_UVARINT = 2**32 - 1
-# magic + version + flags + fingerprint + steps + detail_scale + seed
-_FIXED_LEN = len(MAGIC) + 1 + 1 + FINGERPRINT_LEN + 1 + 4 + 4
+# magic + version + flags + fingerprint + steps + detail_scale + seed + y_hat_crc32
+_FIXED_LEN = len(MAGIC) + 1 + 1 + FINGERPRINT_LEN + 1 + 4 + 4 + 4
 
 
 class BitstreamError(ValueError):
@@ -90,6 +90,9 @@ class Header:
     detail_scale: float
     seed: int
     z_shape: tuple[int, int]
+    # CRC32 of the decoded latent ŷ (fixed-point), checked after entropy decoding: a decoder whose
+    # entropy parameters drifted (another machine, another library version) fails loudly
+    y_hat_crc32: int = 0
 
     def __post_init__(self) -> None:
         if self.version != VERSION:
@@ -101,6 +104,7 @@ class Header:
             "width": _as_int("width", self.width, 1, MAX_UVARINT),
             "steps": _as_int("steps", self.steps, 0, 255),
             "seed": _as_int("seed", self.seed, 0, 2**32 - 1),
+            "y_hat_crc32": _as_int("y_hat_crc32", self.y_hat_crc32, 0, 2**32 - 1),
             "fingerprint": bytes(self.fingerprint),
             "detail_scale": _to_f32(self.detail_scale),
         }
@@ -115,12 +119,12 @@ class Header:
 
     @classmethod
     def create(cls, fingerprint: bytes, height: int, width: int, steps: int,
-               detail_scale: float, seed: int) -> Header:
+               detail_scale: float, seed: int, y_hat_crc32: int = 0) -> Header:
         """Header for a new image; accepts the 4-byte prefix or the full sha256 fingerprint."""
         if len(fingerprint) not in (FINGERPRINT_LEN, 32):
             raise ValueError(f"fingerprint must be 4 or 32 bytes, got {len(fingerprint)}")
         return cls(VERSION, bytes(fingerprint[:FINGERPRINT_LEN]), height, width, steps,
-                   detail_scale, seed, expected_z_shape(height, width))
+                   detail_scale, seed, expected_z_shape(height, width), y_hat_crc32)
 
 
 def _uvarint(value: int) -> bytes:
@@ -137,7 +141,7 @@ def _encode_header(h: Header, z_len: int, y_len: int) -> bytes:
     return b"".join([
         MAGIC, bytes([h.version, 0]), h.fingerprint,
         _uvarint(h.height), _uvarint(h.width),
-        struct.pack(">BfI", h.steps, h.detail_scale, h.seed),
+        struct.pack(">BfII", h.steps, h.detail_scale, h.seed, h.y_hat_crc32),
         _uvarint(h.z_shape[0]), _uvarint(h.z_shape[1]), _uvarint(z_len), _uvarint(y_len),
     ])
 
@@ -194,7 +198,8 @@ def _parse(data: bytes) -> tuple[Header, int, int, int]:
         raise BitstreamError(f"unsupported flags 0x{flags:02x} (version {VERSION} defines none)")
     fingerprint = r.take(FINGERPRINT_LEN, "fingerprint")
     height, width = r.uvarint("height"), r.uvarint("width")
-    steps, detail_scale, seed = struct.unpack(">BfI", r.take(9, "steps/detail_scale/seed"))
+    steps, detail_scale, seed, y_hat_crc32 = struct.unpack(
+        ">BfII", r.take(13, "steps/detail_scale/seed/y_hat_crc32"))
     z_shape = (r.uvarint("z_h"), r.uvarint("z_w"))
     z_len, y_len = r.uvarint("z_len"), r.uvarint("y_len")
     end, need = r.pos, z_len + y_len + CRC_LEN
@@ -214,7 +219,8 @@ def _parse(data: bytes) -> tuple[Header, int, int, int]:
         problem = "empty y payload"
     if problem:
         raise BitstreamError(f"invalid bitstream: {problem}")
-    return Header(version, fingerprint, height, width, steps, detail_scale, seed, z_shape), end, z_len, y_len
+    header = Header(version, fingerprint, height, width, steps, detail_scale, seed, z_shape, y_hat_crc32)
+    return header, end, z_len, y_len
 
 
 @dataclass(frozen=True)

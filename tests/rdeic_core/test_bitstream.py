@@ -59,13 +59,15 @@ def test_round_trip(header: Header, z: bytes, y: bytes) -> None:
 
 
 def test_layout_is_as_documented() -> None:
-    data = make(height=512, width=768, z=b"Z" * 3, y=b"Y" * 5, detail_scale=0.5, seed=0x01020304).to_bytes()
+    data = make(height=512, width=768, z=b"Z" * 3, y=b"Y" * 5, detail_scale=0.5, seed=0x01020304,
+                y_hat_crc32=0xA1B2C3D4).to_bytes()
     assert data[:3] == b"RDE" and data[3] == 1 and data[4] == 0 and data[5:9] == FP
     assert data[9:13] == bytes([0x80, 0x04, 0x80, 0x06])  # 512, 768 as LEB128
     assert data[13:22] == bytes([2]) + struct.pack(">f", 0.5) + bytes([1, 2, 3, 4])
-    assert data[22:26] == bytes([8, 12, 3, 5])  # z_h, z_w, z_len, y_len
-    assert data[26:34] == b"ZZZYYYYY"
-    assert data[34:] == struct.pack(">I", zlib.crc32(data[:34]))
+    assert data[22:26] == struct.pack(">I", 0xA1B2C3D4)  # y_hat_crc32
+    assert data[26:30] == bytes([8, 12, 3, 5])  # z_h, z_w, z_len, y_len
+    assert data[30:38] == b"ZZZYYYYY"
+    assert data[38:] == struct.pack(">I", zlib.crc32(data[:38]))
 
 
 def test_detail_scale_stored_as_f32() -> None:
@@ -162,7 +164,7 @@ def _body(height: int, width: int, z_shape: tuple[int, int], y: bytes, scale: fl
             out.append(b | (0x80 if v else 0))
             if not v:
                 return bytes(out)
-    return (MAGIC + b"\x01\x00" + FP + uv(height) + uv(width) + struct.pack(">BfI", 2, scale, 0)
+    return (MAGIC + b"\x01\x00" + FP + uv(height) + uv(width) + struct.pack(">BfII", 2, scale, 0, 0)
             + uv(z_shape[0]) + uv(z_shape[1]) + uv(0) + uv(len(y)) + y)
 
 
@@ -251,7 +253,7 @@ def test_overhead_for_kodak_size(y_len: int) -> None:
     bs = make(height=512, width=768, z=bytes(z_len), y=bytes(y_len))
     overhead = len(bs.to_bytes()) - z_len - y_len
     assert overhead == header_size(512, 768, z_len, y_len)
-    assert overhead <= 32
+    assert overhead <= 36
 
 
 def test_bits_per_pixel_uses_original_size() -> None:

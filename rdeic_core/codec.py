@@ -1,0 +1,346 @@
+"""RDEICCodec: images in, self-describing bytes out, and back.
+
+    bitstreams = codec.encode(images)            # list[bytes], one per image, any size >= 1x1
+    images = codec.decode(bitstreams)            # list of uint8 H x W x 3, original sizes
+    codec.to("cuda", torch.bfloat16)             # device/dtype are the caller's choice
+
+Encode: pad to a multiple of 64 (zeros, bottom/right, as the reference) ->
+x*2-1 -> VAE encoder pre-conv_out feature x 0.18215 -> compression module
+(y by rANS, hyper-latent indices bit-packed) -> bitstream v1 (header with the
+original size, model fingerprint, default steps / detail scale, noise seed).
+
+Decode: header checks (CRC, model fingerprint) -> compression decompress ->
+c_latent, guide_hint -> x_N = q_sample(c_latent, 299) -> S relay steps of
+the controlled SD UNet -> VAE decode -> crop to the original size.
+
+The compression module always stays float32 (its entropy-parameter path runs
+in float64, see compression.py): only the VAE and the noise estimator follow
+``.to(dtype)``, so a bf16 GPU encoder writes streams a float32 CPU decoder
+reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bitstream import Bitstream, BitstreamError, Header, check_fingerprint
+from .compression import CompressionModule
+from .config import CodecConfig, get_config
+from .images import pad_batch, padded_size, to_rgb_uint8
+from .noise_estimator import NoiseEstimator
+from .numerics import reproducible
+from .sampler import relay_start, sample
+from .vae import SDVAE
+
+FORMAT_NAME = "rdeic-codec"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class DecodedLatents:
+    """What the compression module gives back for a batch (for parity checks and audits)."""
+
+    c_latent: torch.Tensor
+    guide_hint: torch.Tensor
+    headers: list[Header]
+
+
+def _zoo_dir() -> Path:
+    return Path(__file__).resolve().parent / "zoo"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A model directory, or the name of a model shipped in ``rdeic_core/zoo``."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    z = _zoo_dir() / str(name_or_path)
+    if z.is_dir():
+        return z
+    shipped = sorted(d.name for d in _zoo_dir().iterdir() if d.is_dir()) if _zoo_dir().is_dir() else []
+    raise FileNotFoundError(
+        f"no model directory {str(name_or_path)!r} (and no shipped model of that name; shipped: {shipped})"
+    )
+
+
+class RDEICCodec(nn.Module):
+    def __init__(self, config: CodecConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.vae = SDVAE(config.vae, config.scaling_factor)
+        self.compression = CompressionModule(config.compression)
+        self.noise_estimator = NoiseEstimator(config)
+        self.register_buffer("context", torch.zeros(1, config.context_len, config.context_dim))
+        self.compute_dtype = torch.float32
+        self.max_batch = 8
+        # Bit-identical bytes whatever the caller's thread count (see numerics.py).
+        self.reproducible = True
+        self._fingerprint: bytes | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: str | CodecConfig, seed: int = 0) -> "RDEICCodec":
+        """A codec with random weights (reproducible from ``seed``)."""
+        cfg = get_config(config) if isinstance(config, str) else config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            codec = cls(cfg)
+            # stand-in for the empty-prompt embedding; real models store the CLIP one
+            codec.context.normal_()
+        codec.compression.update(force=True)
+        return codec.eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "RDEICCodec":
+        """Load a model directory written by :meth:`save_pretrained` (or a shipped model name)."""
+        from safetensors.torch import load_file
+
+        path = resolve_model_path(name_or_path)
+        meta_path = path / CONFIG_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"{meta_path} is not an {FORMAT_NAME} config (format={meta.get('format')!r})")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{meta_path} has format_version {meta['format_version']}; "
+                             f"this library reads <= {FORMAT_VERSION}")
+        cfg = CodecConfig.from_dict(meta["config"])
+        with torch.random.fork_rng(devices=[]):
+            codec = cls(cfg)
+        state = load_file(str(path / WEIGHTS_FILE))
+        codec.load_codec_state(state)
+        stored = meta.get("fingerprint")
+        if stored and codec.fingerprint.hex() != stored:
+            raise ValueError(
+                f"{path}: weights do not match the fingerprint in {CONFIG_FILE} "
+                f"(stored {stored[:16]}…, computed {codec.fingerprint.hex()[:16]}…); the files are damaged or mixed"
+            )
+        return codec.eval()
+
+    def load_codec_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict load; compressai CDF buffers are resized to the stored tables (never recomputed)."""
+        own = dict(self.named_buffers())
+        for k, v in state.items():
+            if k.startswith("compression.gaussian_conditional.") and k in own and own[k].shape != v.shape:
+                own[k].resize_(v.shape)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise KeyError(f"model state does not fit the config: missing {sorted(missing)}, "
+                           f"unexpected {sorted(unexpected)}")
+        self._fingerprint = None
+
+    def save_pretrained(self, path: str | os.PathLike, extra_meta: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (float32, never pickle)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE))
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint.hex(),
+            "entropy_table_digest": self.compression.entropy_table_digest(),
+        }
+        if extra_meta:
+            meta.update(extra_meta)
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return path
+
+    # ------------------------------------------------------------------ identity
+    def _compute_fingerprint(self) -> bytes:
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().to("cpu")
+            if t.is_floating_point():
+                t = t.to(torch.float32)
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.digest()
+
+    @property
+    def fingerprint(self) -> bytes:
+        """sha256 of config + all float32 weights + entropy tables; 4 bytes go into each bitstream."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def refresh_fingerprint(self) -> bytes:
+        """Call after changing weights (training); streams of the old weights will be refused."""
+        self._fingerprint = None
+        return self.fingerprint
+
+    def to(self, *args: Any, **kwargs: Any) -> "RDEICCodec":  # type: ignore[override]
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        self.fingerprint  # pin the identity to the float32 weights before any cast
+        if device is not None:
+            super().to(device=device, non_blocking=non_blocking)
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise ValueError(f"compute dtype must be floating point, got {dtype}")
+            self.vae.to(dtype=dtype)
+            self.noise_estimator.to(dtype=dtype)
+            self.context.data = self.context.data.to(dtype)
+            self.compute_dtype = dtype
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    def _backend(self):
+        """Thread-count-invariant numerics unless ``codec.reproducible`` is False (see numerics.py)."""
+        return reproducible(self.reproducible)
+
+    # ------------------------------------------------------------------ encode
+    @torch.no_grad()
+    def encode(self, images: Sequence[Any], steps: int | None = None, detail_scale: float | None = None,
+               seed: int | None = None) -> list[bytes]:
+        """Encode a batch of images (uint8 H x W x 3 arrays or PIL images, any size >= 1x1).
+
+        ``steps``/``detail_scale`` are stored as the decoder's defaults;
+        ``seed`` fixes the decoder noise (default: derived from the payload).
+        """
+        sched = self.config.schedule
+        steps = sched.default_steps if steps is None else int(steps)
+        detail_scale = sched.default_detail_scale if detail_scale is None else float(detail_scale)
+        arrays = [to_rgb_uint8(im) for im in images]
+        fp4 = self.fingerprint[:4]
+        with self._backend():
+            return self._encode_arrays(arrays, steps, detail_scale, seed, fp4)
+
+    def _encode_arrays(self, arrays: list[np.ndarray], steps: int, detail_scale: float, seed: int | None,
+                       fp4: bytes) -> list[bytes]:
+        out: list[bytes | None] = [None] * len(arrays)
+        for idx in self._batches_by_size([a.shape[:2] for a in arrays]):
+            batch = pad_batch([arrays[i] for i in idx], self.config.pad_multiple)
+            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+            x = (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
+            feat = self.vae.encode_features(x).float()
+            for i, comp in zip(idx, self.compression.compress(feat)):
+                h, w = arrays[i].shape[:2]
+                s = seed if seed is not None else zlib.crc32(comp.y_string)
+                header = Header(version=1, fingerprint=fp4, height=h, width=w, steps=steps,
+                                detail_scale=detail_scale, seed=s & 0xFFFFFFFF,
+                                z_shape=tuple(comp.z_indices.shape), y_hat_crc32=comp.y_hat_crc32)
+                out[i] = Bitstream(header=header, z_payload=comp.z_bytes, y_payload=comp.y_string).to_bytes()
+        return out  # type: ignore[return-value]
+
+    def _batches_by_size(self, sizes: Iterable[tuple[int, int]]) -> list[list[int]]:
+        """Indices grouped by padded size (one tensor per group), chunked to max_batch."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, (h, w) in enumerate(sizes):
+            groups[padded_size(h, w, self.config.pad_multiple)].append(i)
+        out = []
+        for idx in groups.values():
+            for k in range(0, len(idx), self.max_batch):
+                out.append(idx[k:k + self.max_batch])
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def parse(self, data: bytes) -> Bitstream:
+        """Validate a bitstream (structure, CRC, model fingerprint); raises BitstreamError."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BitstreamError(f"expected bytes, got {type(data).__name__}")
+        bs = Bitstream.from_bytes(bytes(data))
+        check_fingerprint(bs.header, self.fingerprint[:4])
+        return bs
+
+    @torch.no_grad()
+    def decode_latents(self, bitstreams: Sequence[bytes]) -> DecodedLatents:
+        """c_latent and guide_hint of same-padded-size bitstreams (no diffusion)."""
+        parsed = [self.parse(b) for b in bitstreams]
+        shapes = {p.header.z_shape for p in parsed}
+        if len(shapes) != 1:
+            raise ValueError(f"decode_latents needs one padded size per call, got z grids {sorted(shapes)}")
+        c, g = self.compression.decompress([p.y_payload for p in parsed], [p.z_payload for p in parsed],
+                                           parsed[0].header.z_shape, [p.header.y_hat_crc32 for p in parsed])
+        return DecodedLatents(c_latent=c, guide_hint=g, headers=[p.header for p in parsed])
+
+    def noise_for(self, seed: int, latent_shape: tuple[int, ...], steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Decoder noise of one image: CPU generator seeded from the header, so it is device independent."""
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        start = torch.randn((1, *latent_shape), generator=g, dtype=torch.float32)
+        steps_noise = [torch.randn((1, *latent_shape), generator=g, dtype=torch.float32) for _ in range(steps)]
+        return start, steps_noise
+
+    def reconstruct_latent(self, c_latent: torch.Tensor, guide_hint: torch.Tensor, steps: int,
+                           detail_scale: float, start_noise: torch.Tensor | None = None,
+                           step_noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The relay sampler from the noisy compressed latent; returns x̂_0 (float32)."""
+        if steps == 0:
+            return c_latent.float()
+        dt = self.compute_dtype
+        b = c_latent.shape[0]
+        ctx = self.context.to(dt).expand(b, -1, -1)
+        hint = guide_hint.to(dt)
+        ne = self.noise_estimator
+
+        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            return ne(x.to(dt), t, ctx, hint).float()
+
+        def uncond_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            return ne.forward_unconditional(x.to(dt), t, ctx).float()
+
+        if start_noise is None:
+            start_noise = torch.randn_like(c_latent, dtype=torch.float32)
+        x_n = relay_start(c_latent.float(), start_noise.to(c_latent.device), self.config.schedule)
+        return sample(eps_fn, x_n, steps, self.config.schedule, step_noise, uncond_fn, detail_scale)
+
+    @torch.no_grad()
+    def latent_to_images(self, z: torch.Tensor) -> np.ndarray:
+        """VAE decode -> uint8 B x H x W x 3 (the reference truncates after clamping, so do we)."""
+        x = self.vae.decode(z.to(self.compute_dtype)).float()
+        x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+        return (x.permute(0, 2, 3, 1) * 255.0).cpu().numpy().astype(np.uint8)
+
+    @torch.no_grad()
+    def decode(self, bitstreams: Sequence[bytes], steps: int | None = None,
+               detail_scale: float | None = None) -> list[np.ndarray]:
+        """Decode a batch; ``steps``/``detail_scale`` override each header's defaults."""
+        parsed = [self.parse(b) for b in bitstreams]
+        out: list[np.ndarray | None] = [None] * len(parsed)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(parsed):
+            s = p.header.steps if steps is None else int(steps)
+            ds = p.header.detail_scale if detail_scale is None else float(detail_scale)
+            groups[(p.header.z_shape, s, ds)].append(i)
+        with self._backend():
+            for (zshape, s, ds), idx in groups.items():
+                for k in range(0, len(idx), self.max_batch):
+                    chunk = idx[k:k + self.max_batch]
+                    self._decode_chunk([parsed[i] for i in chunk], s, ds, chunk, out)
+        return out  # type: ignore[return-value]
+
+    def _decode_chunk(self, items: list[Bitstream], steps: int, detail_scale: float,
+                      positions: list[int], out: list) -> None:
+        c, g = self.compression.decompress([p.y_payload for p in items], [p.z_payload for p in items],
+                                           items[0].header.z_shape, [p.header.y_hat_crc32 for p in items])
+        c, g = c.to(self.device), g.to(self.device)
+        noises = [self.noise_for(p.header.seed, tuple(c.shape[1:]), steps) for p in items]
+        start = torch.cat([n[0] for n in noises]).to(self.device)
+        step_noise = [torch.cat([n[1][j] for n in noises]).to(self.device) for j in range(steps)]
+        z = self.reconstruct_latent(c, g, steps, detail_scale, start, step_noise)
+        imgs = self.latent_to_images(z)
+        for p, pos, im in zip(items, positions, imgs):
+            out[pos] = np.ascontiguousarray(im[: p.header.height, : p.header.width])
