@@ -1,0 +1,13 @@
+"""The archive pipeline: WebDataset shards -> encoder batches -> Parquet archives, resumably.
+
+Knows shards, samples, batches, records and Parquet; nothing of diffusion (the codec arrives as
+an ``pipeline.encoder.Encoder``) and nothing of Ray outside ``pipeline/executors/ray.py``.
+
+    shards.py   patterns -> ShardRef          reader.py   tar stream -> Sample (damage recorded)
+    images.py   bytes -> RGB or a reason      batching.py images -> bounded batches
+    runner.py   process_shard: the unit       writer.py   records -> Parquet (explicit schema)
+    manifest.py output layout, run.json, done markers      storage.py  fsspec, atomic writes
+    executors/  local.py, ray.py              progress.py tqdm bars
+
+The format and the resume rules are documented in docs/archive-format.md.
+"""

@@ -1,0 +1,172 @@
+"""The output prefix: where archives and markers live, and the rules that make resume safe.
+
+Layout under the output URL (docs/archive-format.md)::
+
+    run.json                          codec identity + format version, written once by the first run
+    archive/<shard>.parquet           one archive per input shard (deterministic name)
+    _manifest/done/<shard>.json       the shard's stats; written LAST, so it means "archive complete"
+    _manifest/failed/<shard>.json     last error of a shard that failed after its retries
+    _manifest/runs/<started>-<id>.json summary of each invocation; _manifest/summary.json = latest
+
+Storage artifacts are the truth: a shard is done exactly when its marker exists; a Parquet file
+without a marker is a leftover of an interrupted attempt and gets overwritten by the redo. The
+codec fingerprint in ``run.json`` is compared on every run, so one prefix never mixes codecs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+
+from . import storage
+from .encoder import CodecIdentity
+from .types import ShardStats
+from .writer import ARCHIVE_FORMAT, FORMAT_VERSION
+
+ARCHIVE_DIR = "archive"
+MANIFEST_DIR = "_manifest"
+RUN_FILE = "run.json"
+
+
+class OutputConflictError(ValueError):
+    """The output prefix holds an archive this run must not add to (other codec, newer format)."""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class OutputLocation:
+    """The output prefix (URL + storage options); picklable, the filesystem is created lazily."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = storage.normalize_url(url).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._root: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"OutputLocation({self.url!r})"
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            self._fs, self._root = storage.filesystem(self.url, self.storage_options)
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        self.fs  # noqa: B018 - resolves _root
+        return self._root  # type: ignore[return-value]
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    def to_url(self, path: str) -> str:
+        return storage.to_url(self.fs, path)
+
+    def archive_path(self, shard_id: str) -> str:
+        return self.path(ARCHIVE_DIR, f"{shard_id}.parquet")
+
+    def done_path(self, shard_id: str) -> str:
+        return self.path(MANIFEST_DIR, "done", f"{shard_id}.json")
+
+    def failed_path(self, shard_id: str) -> str:
+        return self.path(MANIFEST_DIR, "failed", f"{shard_id}.json")
+
+
+def _dump(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+class Manifest:
+    """Reads and writes the run file and the per-shard markers of one output prefix."""
+
+    def __init__(self, out: OutputLocation) -> None:
+        self.out = out
+
+    # ------------------------------------------------------------------ run.json
+    def ensure_run(self, identity: CodecIdentity, job_config: dict[str, Any]) -> dict[str, Any]:
+        """Create ``run.json`` for a new prefix, or check an existing one against this codec.
+
+        Raises OutputConflictError when the prefix was written with another codec fingerprint or
+        a newer archive format, or when it holds done markers but no run file.
+        """
+        fs, path = self.out.fs, self.out.path(RUN_FILE)
+        if storage.exists(fs, path):
+            run = json.loads(storage.read_bytes(fs, path))
+            self._check_run(run, identity)
+            return run
+        if self.done_shards():
+            raise OutputConflictError(
+                f"{self.out.url} has done markers but no {RUN_FILE}; refusing to guess which codec wrote it"
+            )
+        run = {
+            "format": ARCHIVE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "codec": identity.to_dict(),
+            "created_at": utc_now(),
+            "job": job_config,
+        }
+        storage.write_bytes_atomic(fs, path, _dump(run))
+        return run
+
+    def _check_run(self, run: dict[str, Any], identity: CodecIdentity) -> None:
+        where = self.out.to_url(self.out.path(RUN_FILE))
+        if run.get("format") != ARCHIVE_FORMAT:
+            raise OutputConflictError(f"{where} is not an {ARCHIVE_FORMAT} run file (format={run.get('format')!r})")
+        if int(run.get("format_version", 0)) > FORMAT_VERSION:
+            raise OutputConflictError(
+                f"{where} has archive format version {run['format_version']}; this version writes "
+                f"{FORMAT_VERSION} and must not add to it"
+            )
+        codec = run.get("codec", {})
+        if codec.get("fingerprint") != identity.fingerprint:
+            raise OutputConflictError(
+                f"refusing to write into {self.out.url}: it was archived with codec {codec.get('name')!r} "
+                f"fingerprint {codec.get('fingerprint')}, but this run's codec {identity.name!r} has fingerprint "
+                f"{identity.fingerprint}. One output prefix holds one codec: choose a new --output, or rerun "
+                f"with the model that wrote it."
+            )
+
+    # ------------------------------------------------------------------ markers
+    def done_shards(self) -> set[str]:
+        names = storage.list_names(self.out.fs, self.out.path(MANIFEST_DIR, "done"))
+        return {n[: -len(".json")] for n in names if n.endswith(".json")}
+
+    def read_done(self, shard_ids: list[str] | None = None) -> list[ShardStats]:
+        """Stats of done shards (all of them by default), read concurrently where the store allows."""
+        ids = sorted(self.done_shards()) if shard_ids is None else list(shard_ids)
+        if not ids:
+            return []
+        paths = [self.out.done_path(s) for s in ids]
+        blobs = {k.rsplit("/", 1)[-1]: v for k, v in self.out.fs.cat(paths, on_error="omit").items()}
+        return [ShardStats.from_dict(json.loads(blobs[f"{s}.json"])) for s in ids if f"{s}.json" in blobs]
+
+    def mark_done(self, stats: ShardStats) -> None:
+        """Write the done marker (after the archive!) and drop a stale failure marker."""
+        storage.write_bytes_atomic(self.out.fs, self.out.done_path(stats.shard_id), _dump(stats.to_dict()))
+        storage.remove_if_exists(self.out.fs, self.out.failed_path(stats.shard_id))
+
+    def mark_failed(self, shard_id: str, url: str, error: str, attempts: int) -> None:
+        record = {"shard_id": shard_id, "url": url, "error": error, "attempts": attempts, "at": utc_now()}
+        storage.write_bytes_atomic(self.out.fs, self.out.failed_path(shard_id), _dump(record))
+
+    def write_summary(self, summary: dict[str, Any]) -> str:
+        """Store a run summary under ``_manifest/runs/`` and as ``_manifest/summary.json``; returns its URL."""
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{summary.get('run_id', 'run')}.json"
+        data = _dump(summary)
+        path = self.out.path(MANIFEST_DIR, "runs", name)
+        storage.write_bytes_atomic(self.out.fs, path, data)
+        storage.write_bytes_atomic(self.out.fs, self.out.path(MANIFEST_DIR, "summary.json"), data)
+        return self.out.to_url(path)
