@@ -114,8 +114,10 @@ class RayExecutor:
             starts a local Ray. An already initialised Ray (tests) is used as it is.
         use_gpus: force GPU (True) or CPU (False) actors; None = GPU actors iff the cluster has GPUs.
         cpus_per_actor: CPUs reserved per GPU actor (its reader thread decodes while the model runs).
-        cpu_actor_cpus: CPUs reserved per CPU-only actor (torch uses that many threads; capped at the
-            cluster's CPUs). Every actor holds a copy of the model, so fewer, wider CPU actors.
+        cpu_actor_cpus: CPUs reserved per CPU-only actor (capped at the cluster's CPUs). The codec's
+            network passes run on one intra-op thread in its default reproducible mode
+            (rdeic_core/numerics.py), so a CPU node is used by one actor per core; every actor holds
+            a copy of the model, so raise this for large models on small-memory nodes.
         max_actor_restarts: restarts Ray grants each actor before it is given up.
         device: passed to the encoder factory (``auto``: CUDA when the actor sees a GPU).
         start_timeout_s: how long to wait for all actors to load the model.
@@ -126,7 +128,7 @@ class RayExecutor:
     address: str | None = None
     use_gpus: bool | None = None
     cpus_per_actor: float = 1.0
-    cpu_actor_cpus: float = 4.0
+    cpu_actor_cpus: float = 1.0
     max_actor_restarts: int = 3
     device: str = "auto"
     start_timeout_s: float = 900.0

@@ -224,7 +224,8 @@ def test_actor_shape_follows_the_cluster(ray_address) -> None:  # noqa: ANN001
     from pipeline.executors.ray import RayExecutor
 
     assert RayExecutor()._actor_shape(ray, True, 10) == (2, 1.0)  # one actor per (fake) GPU
-    assert RayExecutor()._actor_shape(ray, False, 10) == (2, 4.0)  # 8 CPUs / 4 per CPU actor
+    assert RayExecutor()._actor_shape(ray, False, 10) == (8, 1.0)  # 8 CPUs / 1 per CPU actor (single-threaded codec)
+    assert RayExecutor(cpu_actor_cpus=4.0)._actor_shape(ray, False, 10) == (2, 4.0)
     assert RayExecutor(num_actors=5)._actor_shape(ray, True, 3) == (3, 1.0)  # never more than shards
     with pytest.raises(ValueError, match="num_actors must be >= 1"):
         RayExecutor(num_actors=0)._actor_shape(ray, True, 3)

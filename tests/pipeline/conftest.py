@@ -9,9 +9,6 @@ services, never a stand-in for our own code.
 from __future__ import annotations
 
 import io
-import logging
-import os
-import socket
 import struct
 import tarfile
 import zlib
@@ -23,11 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-AWS_TEST_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+from jobs.local_s3 import LocalS3, local_s3
+
 TEST_MAX_PIXELS = 16 * 1024 * 1024
 
 
@@ -154,52 +148,11 @@ def build_shard_specs(photo_paths: list[Path], n_shards: int, photos_per_shard: 
 
 
 # ------------------------------------------------------------------------------------- S3 (moto)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-
-    @property
-    def storage_options(self) -> dict[str, object]:
-        return {"client_kwargs": {"endpoint_url": self.endpoint}}
-
-    def filesystem(self):  # noqa: ANN201 - s3fs.S3FileSystem
-        import s3fs
-
-        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options)
-
-    def make_bucket(self, name: str):  # noqa: ANN201
-        fs = self.filesystem()
-        fs.mkdir(name)
-        return fs
-
-
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A real S3 endpoint on 127.0.0.1 (moto server); AWS test credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    saved = {k: os.environ.get(k) for k in (*AWS_TEST_ENV, "AWS_PROFILE")}
-    os.environ.update(AWS_TEST_ENV)
-    os.environ.pop("AWS_PROFILE", None)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield S3Server(f"http://127.0.0.1:{port}")
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def s3_server() -> Iterator[LocalS3]:
+    """A real S3 endpoint on 127.0.0.1 (moto server); local test credentials in the environment."""
+    with local_s3() as server:
+        yield server
 
 
 # ------------------------------------------------------------------------------------- codec
