@@ -9,5 +9,11 @@ an ``pipeline.encoder.Encoder``) and nothing of Ray outside ``pipeline/executors
     manifest.py output layout, run.json, done markers      storage.py  fsspec, atomic writes
     executors/  local.py, ray.py              progress.py tqdm bars
 
+The decode side (docs/restore-audit.md) runs on the same executors with its own work functions:
+
+    archives.py  archive prefix -> shards, rows, point lookup     decoder.py  Decoder protocol, size buckets
+    restore.py   restore_shard: archive -> PNG tar / folder        audit.py    audit_shard + aggregate
+    metrics.py   PSNR, MS-SSIM, LPIPS, DISTS, FID/KID              report.py   report.html + plots
+
 The format and the resume rules are documented in docs/archive-format.md.
 """

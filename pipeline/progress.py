@@ -30,10 +30,15 @@ class ProgressSink(Protocol):
 
 
 class NullProgress:
-    """A sink that only logs shard completions and failures."""
+    """A sink that only logs shard completions and failures.
+
+    ``verb`` names the job in the start line (restore/audit set it to ``restoring``/``auditing``).
+    """
+
+    verb = "archiving"
 
     def start(self, total_shards: int, already_done: int) -> None:
-        log.info("archiving %d shard(s); %d already done", total_shards, already_done)
+        log.info("%s %d shard(s); %d already done", self.verb, total_shards, already_done)
 
     def shard_progress(self, shard_id: str, images: int, worker: str) -> None:
         pass

@@ -140,9 +140,15 @@ class ShardStats:
     finished_at: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     images_per_s: float = 0.0
+    # Job-specific figures of restore/audit markers (output bytes, metric means, ...); the archive
+    # writes none, and an empty dict is left out of the marker so archive markers keep their fields.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["extra"]:
+            del out["extra"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardStats:

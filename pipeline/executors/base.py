@@ -1,15 +1,34 @@
-"""What every executor takes and returns, and the shared retry rule."""
+"""What every executor takes and returns, and the shared retry rule.
+
+Executors are generic over the unit of work: a plan names the per-shard function (``work``) and
+the model recipe (``factory``) that each worker loads once. The archive job uses
+``pipeline.runner.process_shard`` with an encoder; restore and audit pass their own functions
+(``pipeline.restore.restore_shard``, ``pipeline.audit.audit_shard``) with a decoder. Whatever the
+job, a work function writes its outputs and its done marker itself and returns the marker's stats.
+"""
 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..encoder import EncoderFactory
 from ..manifest import Manifest, OutputLocation
 from ..progress import ProgressSink
-from ..runner import ShardConfig
+from ..runner import ShardConfig, process_shard
 from ..types import ShardRef, ShardStats
+
+
+class ShardWork(Protocol):
+    """A unit of work: process one shard with a loaded model; write outputs + done marker; return stats.
+
+    Must be a module-level function (it is pickled by reference to Ray workers).
+    """
+
+    def __call__(self, shard: ShardRef, model: Any, out: OutputLocation, config: Any, *, attempt: int = 1,
+                 worker: str = "", progress: Callable[[int], None] | None = None) -> ShardStats: ...
 
 
 class ExecutorStartError(RuntimeError):
@@ -18,13 +37,21 @@ class ExecutorStartError(RuntimeError):
 
 @dataclass
 class ArchivePlan:
-    """The pending shards of a run and everything a worker needs to process one."""
+    """The pending shards of a run and everything a worker needs to process one.
+
+    ``work`` is the per-shard function (default: the archive's ``process_shard``); ``factory``
+    loads the model it is given; ``config`` is passed to it unchanged (it must carry
+    ``expected_fingerprint``, checked against every worker's model); ``kind`` names the job in
+    worker names and logs.
+    """
 
     shards: list[ShardRef]
     factory: EncoderFactory
     output: OutputLocation
     config: ShardConfig
     max_shard_retries: int = 2
+    work: ShardWork = process_shard
+    kind: str = "archive"
 
     def __post_init__(self) -> None:
         if self.max_shard_retries < 0:

@@ -1,7 +1,7 @@
 """Run shards one after another in this process: laptops, one-GPU machines, tests.
 
-The encoder is loaded once; each shard goes through the same ``process_shard`` a Ray actor uses,
-with the same bounded retries.
+The model is loaded once; each shard goes through the same work function a Ray actor uses
+(``plan.work``, the archive's ``process_shard`` by default), with the same bounded retries.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..progress import ProgressSink
-from ..runner import FatalShardError, is_retryable, process_shard
+from ..runner import FatalShardError, is_retryable
 from .base import ArchivePlan, ExecutorStartError, RetryBook, RunResult, describe
 
 WORKER_NAME = "local"
@@ -34,7 +34,7 @@ class LocalExecutor:
             while True:
                 attempt = book.next_attempt(shard)
                 try:
-                    stats = process_shard(
+                    stats = plan.work(
                         shard, encoder, plan.output, plan.config, attempt=attempt, worker=WORKER_NAME,
                         progress=lambda n, s=shard.shard_id: progress.shard_progress(s, n, WORKER_NAME),
                     )

@@ -34,7 +34,7 @@ from ..manifest import OutputLocation
 from ..progress import ProgressSink
 from ..runner import FatalShardError, ShardConfig, is_retryable, process_shard
 from ..types import ShardRef, ShardStats
-from .base import ArchivePlan, ExecutorStartError, RetryBook, RunResult, describe
+from .base import ArchivePlan, ExecutorStartError, RetryBook, RunResult, ShardWork, describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.actor import ActorHandle
@@ -57,13 +57,17 @@ class ProgressBoard:
 
 
 class ShardWorker:
-    """Actor: loads the encoder once, then archives one shard per ``process`` call."""
+    """Actor: loads the model once (``factory.load``), then runs ``work`` on one shard per ``process`` call.
+
+    ``work`` is the plan's per-shard function: the archive's ``process_shard`` with an encoder, or
+    restore/audit functions with a decoder; the model only needs ``fingerprint`` and ``device``.
+    """
 
     def __init__(self, factory: EncoderFactory, output: OutputLocation, config: ShardConfig, device: str,
-                 board_name: str, name: str) -> None:
+                 board_name: str, name: str, work: ShardWork = process_shard) -> None:
         # The board is passed by name: an actor handle among the constructor arguments would live in
         # the object store and can break restarts (ray-project/ray#53727).
-        self.name, self.output, self.config, self.board_name = name, output, config, board_name
+        self.name, self.output, self.config, self.board_name, self.work = name, output, config, board_name, work
         self._board: ActorHandle | None = None
         self.encoder = factory.load(device)
 
@@ -93,8 +97,8 @@ class ShardWorker:
                 last = now
                 self._report(shard.shard_id, attempt, images)
 
-        stats = process_shard(shard, self.encoder, self.output, self.config, attempt=attempt,
-                              worker=self.name, progress=progress)
+        stats = self.work(shard, self.encoder, self.output, self.config, attempt=attempt,
+                          worker=self.name, progress=progress)
         return stats.to_dict()
 
 
@@ -171,9 +175,9 @@ class RayExecutor:
                    "max_restarts": self.max_actor_restarts, "max_task_retries": 0}
         slots = []
         for i in range(n):
-            name = f"rdeic-archive-{token}-{i}"
+            name = f"rdeic-{plan.kind}-{token}-{i}"
             handle = worker_cls.options(name=name, **options).remote(
-                plan.factory, plan.output, plan.config, self.device, board_name, name)
+                plan.factory, plan.output, plan.config, self.device, board_name, name, plan.work)
             slots.append(_Slot(name, handle))
         log.info("starting %d %s actor(s)", n, "GPU" if use_gpus else "CPU")
         try:
@@ -208,7 +212,7 @@ class RayExecutor:
         result = RunResult()
         book = RetryBook(plan, progress, result)
         token = uuid.uuid4().hex[:8]
-        board_name = f"rdeic-archive-{token}-progress"
+        board_name = f"rdeic-{plan.kind}-{token}-progress"
         board = ray.remote(ProgressBoard).options(num_cpus=0, name=board_name).remote()
         pending: deque[ShardRef] = deque(plan.shards)
         in_flight: dict[Any, tuple[ShardRef, _Slot, int]] = {}

@@ -1,0 +1,181 @@
+"""``rdeic get``: fetch and decode ONE archived image by key, without scanning the archive.
+
+    rdeic get s3://b/archive-v1 000123/sample_0042 -o sample_0042.png [--steps S] [--detail-scale X]
+              [--model NAME_OR_DIR] [--executor local|ray] [--storage-options JSON]
+
+The key names its file (``archive/<shard>.parquet``) and the file's row groups are disjoint,
+sorted key ranges with min/max statistics, so the lookup reads the footer plus one row group
+(``pipeline.archives.lookup``); no listing, no index file. The stream is checked (archive CRC
+column, bitstream CRC, codec fingerprint) before decoding; a failure prints its reason.
+
+``--executor ray`` decodes in a Ray task (on a GPU when the cluster has one) for a client without
+a GPU; the default ``local`` decodes in this process. Exit status: 0 written, 1 the key is missing,
+was never archived or cannot be decoded, 2 configuration errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.archives import DECODE_COLUMNS, ArchiveReadError, KeyNotFoundError, LookupStats, lookup
+from pipeline.decoder import RejectedStream
+from pipeline.restore import check_row, decode_streams
+
+from .archive import EXECUTORS, EXIT_CONFIG, EXIT_OK, EXIT_SHARDS_FAILED, _json_object
+from .restore import RDEICDecoderFactory, open_archive, storage_options_for
+
+EXIT_NOT_DECODED = EXIT_SHARDS_FAILED
+
+
+class GetError(RuntimeError):
+    """The key exists nowhere, was never archived, or its stream cannot be decoded; ``reason`` says which."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # picklable across a Ray task boundary
+        return (type(self), (self.reason, self.message))
+
+
+@dataclass(frozen=True)
+class GetJob:
+    archive: str
+    key: str
+    output: str
+    steps: int | None = None
+    detail_scale: float | None = None
+    model: str | None = None
+    executor: str = "local"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    compute_dtype: str | None = None
+    ray_address: str | None = None
+
+
+@dataclass
+class GetResult:
+    image: np.ndarray
+    row: dict[str, Any]
+    lookup: LookupStats
+    output: str
+
+
+def _decode_one(factory: RDEICDecoderFactory, row: dict[str, Any], steps: int | None, detail_scale: float | None,
+                device: str) -> np.ndarray:
+    """Check and decode one archive row (also the body of the Ray task)."""
+    decoder = factory.load(device)
+    try:
+        info = check_row(decoder, row, steps, detail_scale)
+    except RejectedStream as exc:
+        raise GetError(exc.reason, exc.message) from None
+    image = decode_streams(decoder, [row["bitstream"]], [info], steps, detail_scale)[0]
+    if isinstance(image, RejectedStream):
+        raise GetError(image.reason, image.message)
+    return image
+
+
+def _decode_on_ray(job: GetJob, factory: RDEICDecoderFactory, row: dict[str, Any]) -> np.ndarray:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=job.ray_address)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_gpus=gpus, max_retries=1)(_decode_one)
+        try:
+            return ray.get(task.remote(factory, row, job.steps, job.detail_scale, job.device))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            if isinstance(cause, GetError):
+                raise GetError(cause.reason, cause.message) from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def encode_image_file(image: np.ndarray, name: str) -> bytes:
+    """The image in the format the output name's extension asks for (PNG when unknown)."""
+    from PIL import Image
+
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else "png"
+    fmt = Image.registered_extensions().get(f".{ext}", "PNG")
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def run_get(job: GetJob) -> GetResult:
+    """Look the key up, decode it, write the image. Raises ValueError (configuration) or GetError."""
+    if job.executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {job.executor!r}; expected one of {EXECUTORS}")
+    options = storage_options_for([job.archive], job.output, job.storage_options)
+    archive, _, factory, _ = open_archive(job.archive, options, job.model, job.compute_dtype)
+    try:
+        row, stats = lookup(archive, job.key, DECODE_COLUMNS)
+    except KeyNotFoundError as exc:
+        raise GetError("no_such_key", str(exc)) from None
+    except ArchiveReadError as exc:
+        raise GetError("incomplete_shard", str(exc)) from None
+    if row["status"] != "ok":
+        raise GetError("not_archived", f"{job.key} was not archived: {row['reason']}")
+    if job.executor == "ray":
+        image = _decode_on_ray(job, factory, row)
+    else:
+        image = _decode_one(factory, row, job.steps, job.detail_scale, job.device)
+    fs, path = storage.filesystem(job.output, options)
+    storage.write_bytes_atomic(fs, path, encode_image_file(image, path))
+    return GetResult(image, row, stats, storage.to_url(fs, path))
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("get", help="decode one archived image by key (random access)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("archive", metavar="ARCHIVE", help="archive prefix written by `rdeic archive`")
+    p.add_argument("key", metavar="KEY", help="archive key, '<shard_id>/<sample key>'")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write (format from its extension)")
+    p.add_argument("--steps", type=int, default=None, help="relay steps (default: the header's)")
+    p.add_argument("--detail-scale", type=float, default=None, help="detail scale (default: the header's)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help="model (default: $RDEIC_MODEL, else the model in the archive's run.json)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local (this process) or ray (a Ray task, on a GPU if the cluster has one)")
+    p.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.set_defaults(func=main_from_args)
+    return p
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    job = GetJob(archive=args.archive, key=args.key, output=args.output, steps=args.steps,
+                 detail_scale=args.detail_scale, model=args.model, executor=args.executor,
+                 storage_options=args.storage_options, device=args.device,
+                 compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
+                 ray_address=args.ray_address)
+    try:
+        result = run_get(job)
+    except GetError as exc:
+        print(f"rdeic get: {job.key}: {exc}", file=sys.stderr)
+        return EXIT_NOT_DECODED
+    except ValueError as exc:
+        print(f"rdeic get: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    h, w = result.image.shape[:2]
+    print(json.dumps({"key": job.key, "output": result.output, "width": w, "height": h,
+                      "bpp": result.row.get("bpp"), "file": result.lookup.file,
+                      "row_groups_read": result.lookup.row_groups_read, "row_groups": result.lookup.row_groups,
+                      "bytes_read": result.lookup.bytes_read, "file_bytes": result.lookup.file_bytes}))
+    return EXIT_OK
