@@ -33,7 +33,7 @@ from pipeline.batching import DEFAULT_BATCH_SIZE
 from pipeline.executors.base import ArchivePlan, ExecutorStartError, RunResult
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.manifest import Manifest, OutputConflictError, OutputLocation, utc_now
-from pipeline.progress import NullProgress, ProgressSink, TqdmProgress
+from pipeline.progress import NullProgress, ProgressSink
 from pipeline.reader import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.runner import FatalShardError, ShardConfig
 from pipeline.shards import expand_inputs
@@ -41,6 +41,8 @@ from pipeline.types import ShardStats
 from pipeline.writer import DEFAULT_ROW_GROUP_SIZE
 
 from .codec import RDEICEncoderFactory
+from .config import write_resolved_config
+from .logs import progress_sink
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,11 @@ class ArchiveJob:
         config["inputs"] = list(self.inputs)
         config["storage_options"] = storage.redact(self.storage_options)
         return config
+
+    def to_spec(self) -> dict[str, Any]:
+        """The job as the ``archive:`` section of a spec (keys = flags; jobs/config.py), secrets redacted."""
+        config = self.to_config()
+        return {"input": config.pop("inputs"), **config}
 
 
 @dataclass
@@ -160,6 +167,7 @@ def run_archive(job: ArchiveJob, progress: ProgressSink | None = None, executor:
         manifest.ensure_run(identity, job.to_config())
     except OutputConflictError as exc:
         raise ArchiveConfigError(str(exc)) from None
+    write_resolved_config(job.output, "archive", job.to_spec(), storage_options)  # prefix accepted: record the run
     done_before = manifest.done_shards()
     pending = [s for s in shards if s.shard_id not in done_before]
     metadata = identity.to_metadata() | {"rdeic.job": json.dumps(job.to_config(), sort_keys=True)}
@@ -294,7 +302,7 @@ def job_from_args(args: argparse.Namespace) -> ArchiveJob:
 def main_from_args(args: argparse.Namespace) -> int:
     try:
         job = job_from_args(args)
-        progress = TqdmProgress(disable=None if job.progress is None else not job.progress)
+        progress = progress_sink(job.progress)  # JSON logging: per-shard events instead of bars
         with logging_redirect_tqdm():
             outcome = run_archive(job, progress)
     except ArchiveConfigError as exc:

@@ -1,55 +1,192 @@
 """The ``rdeic`` command: one entry point, one subcommand per job.
 
 Each job module exposes ``add_parser(subparsers)``, which registers its subcommand and sets
-``func`` (argparse namespace -> exit status). Adding ``restore``, ``audit``, ``get``, ``inspect``,
-``encode``, ``decode``, ``status`` or ``submit`` means writing ``jobs/<name>.py`` with that
-function and listing it in ``SUBCOMMANDS``; nothing else here changes.
+``func`` (argparse namespace -> exit status). Adding a command means writing ``jobs/<name>.py``
+with that function and listing it in ``SUBCOMMANDS``; nothing else here changes.
+
+Commands with a spec schema (``jobs.config.SCHEMAS``: archive, restore, audit) also get
+``--config SPEC.yaml`` and ``--print-config`` here, so every job reads YAML the same way:
+flags given on the command line win over the spec, the spec over environment-derived defaults,
+those over built-in defaults (docs/jobs.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 # Subcommand name -> module under ``jobs`` providing ``add_parser``. Imported lazily in ``main``
 # only for the chosen command, so ``rdeic --help`` does not import torch or Ray.
 SUBCOMMANDS: dict[str, str] = {
+    "encode": "jobs.encode",
+    "decode": "jobs.decode",
     "archive": "jobs.archive",
+    "restore": "jobs.restore",
+    "audit": "jobs.audit",
+    "get": "jobs.get",
+    "status": "jobs.status",
+    "inspect": "jobs.inspect_cmd",
+    "convert": "jobs.convert",
+    "train": "jobs.train",
+    "evaluate": "jobs.evaluate",
+    "submit": "jobs.submit",
+    "job": "jobs.ray_job",
 }
 SUBCOMMAND_HELP: dict[str, str] = {
+    "encode": "compress one image file to an .rde bitstream (like cwebp)",
+    "decode": "decompress one .rde bitstream to a PNG (like dwebp)",
     "archive": "encode WebDataset shards into Parquet archives (resumable)",
+    "restore": "decode archived bitstreams back into image files",
+    "audit": "decode a sample of an archive and measure quality against the sources",
+    "get": "fetch and decode single images from an archive by key",
+    "status": "progress of an archive job (running or stopped) from its output location",
+    "inspect": "summary and metadata of an archive file or prefix",
+    "convert": "convert the official SD 2.1 + RDEIC checkpoints into a model directory",
+    "train": "train an RDEIC codec (stages of the paper's schedule)",
+    "evaluate": "evaluate a codec on an image set (rate/distortion/perception)",
+    "submit": "submit a job spec to a Ray cluster (Ray Jobs API) and stream its logs",
+    "job": "status, logs or stop of a submitted Ray job",
 }
+# Commands whose arguments after `--` are handed on untouched (``args.passthrough``): `submit` appends
+# them to the job's command line on the cluster.
+PASSTHROUGH = ("submit",)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_USAGE = 2
+
+
+def _import_command(name: str) -> object:
+    try:
+        return importlib.import_module(SUBCOMMANDS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == SUBCOMMANDS[name]:
+            raise SystemExit(f"rdeic {name}: not available in this installation (no module {exc.name})") from None
+        raise
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported (the others are listed for --help)."""
-    parser = argparse.ArgumentParser(prog="rdeic", description="RDEIC extreme image compression: jobs and tools.")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    from .logs import LOG_FORMATS, log_format_from_env
+
+    parser = argparse.ArgumentParser(
+        prog="rdeic", description="RDEIC extreme image compression: jobs and tools.",
+        epilog="Run `rdeic COMMAND --help` for a command's options. Precedence of settings: command-line "
+               "flags > job spec (--config) > environment > defaults (docs/jobs.md).")
+    parser.add_argument("--log-level", default=os.environ.get("RDEIC_LOG_LEVEL", "INFO").upper(), choices=LOG_LEVELS,
+                        help="(env RDEIC_LOG_LEVEL)")
+    parser.add_argument("--log-format", default=log_format_from_env(), choices=LOG_FORMATS,
+                        help="text lines or JSON lines with per-shard events (env RDEIC_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for name in SUBCOMMANDS:
         if only == name:
-            importlib.import_module(module).add_parser(sub)
+            _import_command(name).add_parser(sub)  # type: ignore[attr-defined]
+            if name in _schemas():
+                _add_config_options(sub.choices[name], name)
         else:
             sub.add_parser(name, help=SUBCOMMAND_HELP.get(name))
     return parser
+
+
+def _schemas() -> dict[str, type]:
+    from .config import SCHEMAS
+
+    return SCHEMAS
+
+
+def _add_config_options(p: argparse.ArgumentParser, name: str) -> None:
+    known = {opt for a in p._actions for opt in a.option_strings}
+    if "--config" not in known:
+        p.add_argument("--config", metavar="SPEC.yaml", default=None,
+                       help=f"job spec with a `{name}:` section (keys = long flags with '_'); flags given here "
+                            f"override it (docs/jobs.md)")
+    if "--print-config" not in known:
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as a spec and exit without running")
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
 
 
 def _chosen_command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if a in SUBCOMMANDS), None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(only=_chosen_command(argv))
+def _relax_required(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Required options may come from the spec: argparse must not demand them on the command line."""
+    required = [a for a in p._actions if a.required and a.option_strings]
+    for a in required:
+        a.required = False
+    return required
+
+
+def _apply_spec(args: argparse.Namespace, p: argparse.ArgumentParser, sub_argv: list[str], name: str,
+                required: list[argparse.Action]) -> int | None:
+    """Merge ``--config`` into ``args``; an exit status when the command must not run."""
+    from .config import ConfigError, apply_spec, dump_spec, load_spec, resolved_section
+
+    try:
+        if getattr(args, "config", None):
+            apply_spec(args, p, sub_argv, load_spec(args.config, expect_kind=name))
+    except ConfigError as exc:
+        print(f"rdeic {name}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    missing = [a for a in required if getattr(args, a.dest, None) in (None, [])]
+    if missing:
+        flags = ", ".join(a.option_strings[-1] for a in missing)
+        keys = ", ".join(f"{name}.{a.dest}" for a in missing)
+        print(f"rdeic {name}: error: the following arguments are required: {flags} "
+              f"(on the command line, or as {keys} in --config)", file=sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "print_config", False):
+        sys.stdout.write(dump_spec(name, resolved_section(args, name)))
+        return 0
+    return None
+
+
+def resolve_args(argv: Sequence[str]) -> tuple[argparse.Namespace | None, int | None]:
+    """Parse ``argv`` and merge ``--config``: (namespace ready to run, None) or (namespace or None, exit status).
+
+    This is everything ``main`` does before running the command, so tests (and ``rdeic submit``'s
+    checks) see exactly what a command would run with. argparse usage errors exit (SystemExit 2).
+    """
+    argv = list(argv)
+    name = _chosen_command(argv)
+    parser = build_parser(only=name)
+    required: list[argparse.Action] = []
+    sub = None
+    if name is not None and name in _schemas():
+        sub = _subparser(parser, name)
+        required = _relax_required(sub)
+    passthrough: list[str] = []
+    if name in PASSTHROUGH and "--" in argv[argv.index(name):]:
+        cut = argv.index("--", argv.index(name))
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.passthrough = passthrough
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 2
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return None, EXIT_USAGE
+    if sub is not None and name is not None:
+        status = _apply_spec(args, sub, argv[argv.index(name) + 1:], name, required)
+        if status is not None:
+            return args, status
+    return args, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # compressai and diffusers call torch.jit at import; torch 2.14 deprecates it, noisily, for every command
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+    args, status = resolve_args(sys.argv[1:] if argv is None else argv)
+    if status is not None or args is None:
+        return EXIT_USAGE if status is None else status
+    from .logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     return int(args.func(args))
 
 
