@@ -39,7 +39,7 @@ from .compression import CompressionModule
 from .config import CodecConfig, get_config
 from .images import pad_batch, padded_size, to_rgb_uint8
 from .noise_estimator import NoiseEstimator
-from .numerics import reproducible
+from .numerics import install_singleton_safe_group_norms, reproducible
 from .sampler import relay_start, sample
 from .vae import SDVAE
 
@@ -85,6 +85,7 @@ class RDEICCodec(nn.Module):
         self.compression = CompressionModule(config.compression)
         self.noise_estimator = NoiseEstimator(config)
         self.register_buffer("context", torch.zeros(1, config.context_len, config.context_dim))
+        install_singleton_safe_group_norms(self)  # 64-px images reach 1x1 maps with 1-channel groups
         self.compute_dtype = torch.float32
         self.max_batch = 8
         # Bit-identical bytes whatever the caller's thread count (see numerics.py).

@@ -22,6 +22,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from torch import nn
 
 
 @contextlib.contextmanager
@@ -37,3 +38,38 @@ def reproducible(enabled: bool = True) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+_SAFE_SUBCLASSES: dict[type, type] = {}
+
+
+def _singleton_safe(cls: type) -> type:
+    """A subclass of a GroupNorm class that accepts groups holding a single value.
+
+    A 64-pixel image has a 1x1 bottleneck, and a narrow model (the control
+    module is 0.2x wide) can have one channel per group there. torch's Python
+    wrapper refuses that case ("Expected more than 1 value per channel"),
+    although the result is well defined: a single value normalises to exactly
+    0, so the output is the affine bias.
+    """
+    if cls not in _SAFE_SUBCLASSES:
+        def forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+            if x.numel() // max(x.shape[0] * self.num_groups, 1) > 1:
+                return cls.forward(self, x)
+            if self.bias is None:
+                return torch.zeros_like(x)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return self.bias.view(shape).to(x.dtype).expand_as(x).contiguous()
+
+        _SAFE_SUBCLASSES[cls] = type(f"SingletonSafe{cls.__name__}", (cls,), {"forward": forward})
+    return _SAFE_SUBCLASSES[cls]
+
+
+def install_singleton_safe_group_norms(module: nn.Module) -> int:
+    """Make every GroupNorm in ``module`` accept single-value groups (see :func:`_singleton_safe`)."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm) and type(m) not in _SAFE_SUBCLASSES.values():
+            m.__class__ = _singleton_safe(type(m))
+            n += 1
+    return n

@@ -178,3 +178,19 @@ def test_sd21_builds_and_round_trips_256():
 
 
 test_sd21_builds_and_round_trips_256 = pytest.mark.slow(test_sd21_builds_and_round_trips_256)
+
+
+def test_one_pixel_image_with_one_channel_groups():
+    """A 0.2x control of a 16-wide UNet has 3-6 channels; with one channel per group a 1x1 image's
+    1x1 bottleneck gives single-value groups, which must normalise (to the bias), not crash."""
+    import dataclasses
+
+    from rdeic_core.config import ControlConfig, tiny
+
+    cfg = tiny()
+    cfg.unet.update(block_out_channels=[16, 32, 32, 32], attention_head_dim=[2, 4, 4, 4], norm_num_groups=8)
+    cfg = dataclasses.replace(cfg, control=ControlConfig(ratio=0.2, num_head_channels=4, norm_groups=32))
+    codec = RDEICCodec.from_config(cfg, seed=0)
+    (s,) = codec.encode([_rand(1, 1)])
+    (rec,) = codec.decode([s], steps=2)
+    assert rec.shape == (1, 1, 3)
