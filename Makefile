@@ -20,7 +20,7 @@ BENCH_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv photos test demo bench clean distclean
+.PHONY: venv photos sysdeps test demo bench clean distclean
 
 venv: $(STAMP)
 
@@ -35,7 +35,12 @@ $(STAMP): pyproject.toml constraints.txt
 photos: $(STAMP)
 	$(PY) tools/photos.py fetch
 
-test: $(STAMP) photos
+# System packages the tests need: Chromium renders the audit report (tests/restore). Debian package,
+# installed only when missing (CI machines are fresh; developers' machines keep it).
+sysdeps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) photos sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP) photos
