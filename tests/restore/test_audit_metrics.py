@@ -176,7 +176,12 @@ def test_lpips_dists_fid_kid_run_from_weights_in_the_hub_cache(tmp_path: Path, h
     assert fid["fid"] == pytest.approx(frechet_distance(features["original"], features["decoded"]), rel=1e-9)
     assert features["original"].std(axis=0).mean() > 0.1  # features that vary between patches
     assert fid["fid"] > 1.0 and frechet_distance(features["original"], features["original"]) == pytest.approx(0, abs=1e-6)
-    assert fid["kid_mean"] > 0 and fid["kid_std"] >= 0
+    # KID is an unbiased estimate: with a handful of patches and random backbones it may be negative,
+    # so check it is the estimator applied to the stored features, not its sign
+    assert np.isfinite(fid["kid_mean"]) and fid["kid_std"] >= 0
+    n_sub = min(len(features["original"]), 1000)
+    assert fid["kid_mean"] == pytest.approx(
+        kernel_inception_distance(features["original"], features["decoded"], 100, n_sub, job.seed)[0], rel=1e-9)
     assert summary["metrics"]["lpips"]["n"] == summary["metrics"]["dists"]["n"] == 3
     html = (tmp_path / "out" / "report.html").read_text()
     assert "All metrics ran" in html and "hist_lpips.png" in html and "hist_dists.png" in html
