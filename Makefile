@@ -4,6 +4,7 @@
 #   make test    run the whole pytest suite (PYTEST_ARGS="-k foo -x" to narrow it)
 #   make demo    end-to-end demo (jobs.demo)
 #   make bench   benchmarks (bench.run)
+#   make mini    train the embedded mini models from scratch on CPU (~45-60 min) -> rdeic_core/zoo/mini, mini-lo
 #   make clean   caches and build leftovers;  make distclean  also .venv and data/
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -15,12 +16,13 @@ STAMP := $(VENV)/.stamp
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+MINI_ARGS ?=
 
 # Nothing run from here may reach a model hub: weights come from local files only.
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv photos sysdeps test demo bench clean distclean
+.PHONY: venv photos sysdeps test demo bench mini clean distclean
 
 venv: $(STAMP)
 
@@ -48,6 +50,9 @@ demo: $(STAMP) photos
 
 bench: $(STAMP) photos
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+mini: $(STAMP) photos
+	$(PY) tools/train_mini.py $(MINI_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .hypothesis *.egg-info

@@ -8,6 +8,8 @@ Two named configs ship with the library:
   the ELIC-style compression module of spec section 2).
 * ``tiny``: the same structure at small widths so that a round trip runs in
   seconds on a CPU; used by the tests.
+* ``mini``: the architecture of the shipped, trained-from-scratch embedded
+  models (rdeic_core/zoo/mini, mini-lo; docs/mini.md).
 """
 
 from __future__ import annotations
@@ -199,7 +201,36 @@ def tiny() -> CodecConfig:
     return CodecConfig(name="tiny", vae=vae, unet=unet, compression=comp, control=ctrl)
 
 
-NAMED_CONFIGS = {"sd21": sd21, "tiny": tiny}
+def mini() -> CodecConfig:
+    """The embedded model shipped as ``mini`` (trained from scratch on data/photos by ``make mini``).
+
+    Sized for a <= 20 MB fp32 safetensors file and for CPU training in about an hour: the
+    capacity sits in the VAE (which bounds the reconstruction quality) and in the compression
+    transforms; the UNet prior and its 0.2x control copy stay small because the relay sampler
+    only refines a latent that the compression module already predicts.
+    """
+    vae = copy.deepcopy(_SD21_VAE)
+    vae.update(block_out_channels=[32, 64, 64, 64], layers_per_block=1, norm_num_groups=16, sample_size=256)
+    unet = copy.deepcopy(_SD21_UNET)
+    unet.update(
+        block_out_channels=[16, 32, 32, 32],
+        layers_per_block=1,
+        attention_head_dim=[2, 4, 4, 4],  # 8-ch heads
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    comp = CompressionConfig(
+        in_nc=64, out_nc=4, N=32, M=64,
+        slice_ch=(2, 2, 2, 2, 4, 4, 8, 8, 16, 16),
+        codebook_size=1024,
+        cc_hidden=(28, 16),
+    )
+    ctrl = ControlConfig(ratio=0.2, num_head_channels=4, norm_groups=8)
+    return CodecConfig(name="mini", vae=vae, unet=unet, compression=comp, control=ctrl)
+
+
+NAMED_CONFIGS = {"sd21": sd21, "tiny": tiny, "mini": mini}
 
 
 def get_config(name: str) -> CodecConfig:
