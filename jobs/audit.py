@@ -51,7 +51,7 @@ from pipeline.runner import FatalShardError
 from pipeline.shards import expand_inputs
 
 from .archive import EXECUTORS, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_SHARDS_FAILED, build_summary
-from .restore import add_common_arguments, open_archive, storage_options_for, summarize_failed_keys
+from .restore import add_common_arguments, common_job_options, open_archive, storage_options_for, summarize_failed_keys
 
 log = logging.getLogger(__name__)
 AUDIT_FILE = "audit.json"
@@ -261,11 +261,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         job = AuditJob(
             archive=args.archive, sources=sources, output=args.output, fraction=args.fraction,
             seed=args.seed, steps=args.steps, detail_scale=args.detail_scale, perceptual=perceptual,
-            fid_patch=args.fid_patch, worst_k=args.worst_k, model=args.model, executor=args.executor,
-            num_actors=args.num_actors, storage_options=args.storage_options, batch_size=args.batch_size,
-            max_shard_retries=args.max_shard_retries, device=args.device,
-            compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
-            ray_address=args.ray_address, progress=args.progress)
+            fid_patch=args.fid_patch, worst_k=args.worst_k, **common_job_options(args))
         with logging_redirect_tqdm():
             outcome = run_audit(job, progress_sink(job.progress))
     except (AuditConfigError, argparse.ArgumentTypeError) as exc:

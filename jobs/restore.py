@@ -303,6 +303,16 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="never draw bars")
 
 
+def common_job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The job fields that :func:`add_common_arguments` parsed (float32 is the default compute dtype)."""
+    return dict(
+        model=args.model, executor=args.executor, num_actors=args.num_actors,
+        storage_options=args.storage_options, batch_size=args.batch_size,
+        max_shard_retries=args.max_shard_retries, device=args.device,
+        compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
+        ray_address=args.ray_address, progress=args.progress)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("restore", help="decode Parquet archives into PNG WebDataset shards or a folder tree",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,13 +331,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     from .logs import progress_sink
 
     try:
-        job = RestoreJob(
-            archive=args.archive, output=args.output, format=args.format, steps=args.steps,
-            detail_scale=args.detail_scale, model=args.model, executor=args.executor, num_actors=args.num_actors,
-            storage_options=args.storage_options, batch_size=args.batch_size,
-            max_shard_retries=args.max_shard_retries, device=args.device,
-            compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
-            ray_address=args.ray_address, progress=args.progress)
+        job = RestoreJob(archive=args.archive, output=args.output, format=args.format, steps=args.steps,
+                         detail_scale=args.detail_scale, **common_job_options(args))
         with logging_redirect_tqdm():
             outcome = run_restore(job, progress_sink(job.progress))  # JSON logging: events instead of bars
     except RestoreConfigError as exc:
