@@ -358,6 +358,16 @@ def _load_checkpoint(d: Path, codec: RDEICCodec, stage: str, optimizer: torch.op
     return int(state["step"])
 
 
+def _same_setting(key: str, stored: Any, now: Any) -> bool:
+    """Equal values; a model path also when it names the same directory (absolute vs relative spelling)."""
+    if stored == now:
+        return True
+    if key in ("init", "config") and isinstance(stored, str) and isinstance(now, str):
+        a, b = Path(stored).expanduser(), Path(now).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
+
+
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     """The run's stored TrainConfig must agree with this one except for harmless fields."""
     path = run_dir / "train_config.json"
@@ -366,7 +376,7 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     stored = json.loads(path.read_text())
     now = cfg.to_dict()
     diff = {k: (stored.get(k), now.get(k)) for k in set(stored) | set(now)
-            if k not in _RESUMABLE_CHANGES and stored.get(k) != now.get(k)}
+            if k not in _RESUMABLE_CHANGES and not _same_setting(k, stored.get(k), now.get(k))}
     if diff:
         raise ValueError(f"{run_dir} holds a run with a different configuration: "
                          + ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))

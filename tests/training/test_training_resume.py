@@ -72,3 +72,20 @@ def test_resume_with_different_options_is_refused(tmp_path, mini_photos_dir):
     # more steps (and other logging) is fine
     res = train(_cfg(tmp_path / "c", mini_photos_dir, steps=2, ckpt_every=1, log_every=5))
     assert res.start_step == 1 and res.end_step == 2
+
+
+def test_resume_accepts_the_same_init_spelled_relative_or_absolute(tmp_path, monkeypatch):
+    """`make mini` passes an absolute --init, a user re-running by hand a relative one: same directory."""
+    from rdeic_core.training.trainer import _check_resume_config
+
+    (tmp_path / "prev" / "model").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    stored = TrainConfig(stage="stage1", run_dir=str(run), init=str(tmp_path / "prev" / "model"))
+    (run / "train_config.json").write_text(json.dumps(stored.to_dict()))
+    monkeypatch.chdir(tmp_path)
+    _check_resume_config(run, TrainConfig(stage="stage1", run_dir="run", init="prev/model"))
+    _check_resume_config(run, TrainConfig(stage="stage1", run_dir="run", init="./prev/../prev/model"))
+    with pytest.raises(ValueError, match="init"):
+        _check_resume_config(run, TrainConfig(stage="stage1", run_dir="run", init="other"))
