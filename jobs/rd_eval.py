@@ -7,13 +7,12 @@ Definitions (every number of the report follows them):
 
 * **bpp**: ``8 * len(file bytes) / (width * height)`` of the original image. For RDEIC the bytes
   are the whole bitstream (header included); for JPEG/WebP the whole file Pillow writes.
-* **PSNR**: ``10 log10(255^2 / MSE)`` over all uint8 RGB values of one image (numpy, float64);
-  capped at :data:`PSNR_CAP` dB for a lossless result so that means stay finite.
-* **MS-SSIM**: ``pytorch_msssim.ms_ssim`` on float32 RGB in [0, 255] (data_range 255, 11x11 Gaussian
-  window, sigma 1.5, the standard 5 scale weights). Five scales need a short side > 160 px; for
-  smaller images the number of scales is the largest L with short side > 10 * 2^(L-1), with the
-  first L standard weights renormalised to sum to 1 (L = 1 is plain SSIM); below 11 px the window
-  shrinks to the largest odd size <= the short side, and below 3 px the value is NaN.
+* **PSNR** and **MS-SSIM**: ``pipeline.metrics``, the same functions ``rdeic audit`` uses, so an
+  evaluation and an audit of the same images agree. PSNR is ``10 log10(255^2 / MSE)`` over all uint8
+  RGB values (float64), capped here at :data:`PSNR_CAP` dB for a lossless result so that means stay
+  finite. MS-SSIM is ``pytorch_msssim.ms_ssim`` on float32 RGB in [0, 255] (data_range 255, sigma 1.5,
+  the standard 5 scale weights, 11 px window); images with a short side of 160 px or less keep the 5
+  scales with a smaller window (``pipeline.metrics.ms_ssim_window``), and below 33 px it is NaN.
 * **curves**: each method/setting's bpp, PSNR and MS-SSIM are the *means over the images*.
 * **matched by bpp**: a baseline's PSNR (MS-SSIM) at a model point's mean bpp is interpolated
   linearly in log(bpp) on the baseline's mean curve (sorted by bpp), and only inside that curve's
@@ -34,9 +33,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline import metrics
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
 PSNR_CAP = 100.0
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 DEFAULT_JPEG_QUALITIES = tuple(range(1, 96))
 DEFAULT_WEBP_QUALITIES = tuple(range(0, 101))
 DEFAULT_STEPS = (0, 2, 5)
@@ -64,62 +64,14 @@ def bpp_of(n_bytes: int, image: np.ndarray) -> float:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images of the same shape (capped at PSNR_CAP when identical)."""
-    if a.shape != b.shape:
-        raise ValueError(f"PSNR of images of different shapes {a.shape} and {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    if mse == 0.0:
-        return PSNR_CAP
-    return min(PSNR_CAP, 10.0 * math.log10(255.0 ** 2 / mse))
-
-
-def ms_ssim_settings(height: int, width: int) -> tuple[int, tuple[float, ...]] | None:
-    """(window size, scale weights) used for an image of this size; None when it is too small (< 3 px)."""
-    side = min(height, width)
-    if side < 3:
-        return None
-    if side < 11:
-        return (side if side % 2 else side - 1), (1.0,)
-    levels = 5
-    while levels > 1 and side <= 10 * 2 ** (levels - 1):
-        levels -= 1
-    if levels == len(MS_SSIM_WEIGHTS):
-        return 11, MS_SSIM_WEIGHTS
-    w = MS_SSIM_WEIGHTS[:levels]
-    total = sum(w)
-    return 11, tuple(x / total for x in w)
+    """PSNR in dB of two uint8 images (``pipeline.metrics.psnr``), capped at PSNR_CAP so means stay finite."""
+    return min(PSNR_CAP, metrics.psnr(a, b))
 
 
 def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """MS-SSIM of two uint8 RGB images (pytorch_msssim, with the small-image fallback of the module doc)."""
-    import torch
-    import torch.nn.functional as F
-    from pytorch_msssim import ms_ssim as _ms_ssim
-    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
-
-    if a.shape != b.shape:
-        raise ValueError(f"MS-SSIM of images of different shapes {a.shape} and {b.shape}")
-    settings = ms_ssim_settings(a.shape[0], a.shape[1])
-    if settings is None:
-        return float("nan")
-    win_size, weights = settings
-    # float32 as pytorch_msssim's usual input: float64 convolutions are ~10x slower on CPU, and the
-    # difference (~1e-6) is far below what the tables print.
-    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
-    y = torch.from_numpy(np.ascontiguousarray(b)).permute(2, 0, 1)[None].float()
-    if len(weights) == len(MS_SSIM_WEIGHTS):
-        return float(_ms_ssim(x, y, data_range=255))
-    # Fewer scales: pytorch_msssim's own loop (it asserts 5 scales' worth of pixels, so it is repeated here).
-    win = _fspecial_gauss_1d(win_size, 1.5).repeat([3, 1, 1, 1])
-    vals = []
-    for i in range(len(weights)):
-        ssim_c, cs = _ssim(x, y, data_range=255, win=win, size_average=False, K=(0.01, 0.03))
-        if i < len(weights) - 1:
-            vals.append(torch.relu(cs))
-            pad = [s % 2 for s in x.shape[2:]]
-            x, y = F.avg_pool2d(x, kernel_size=2, padding=pad), F.avg_pool2d(y, kernel_size=2, padding=pad)
-    stack = torch.stack(vals + [torch.relu(ssim_c)], dim=0)
-    return float(torch.prod(stack ** x.new_tensor(weights).view(-1, 1, 1), dim=0).mean())
+    """MS-SSIM of two uint8 RGB images exactly as ``rdeic audit`` measures it (NaN where it has no value)."""
+    value, _ = metrics.ms_ssim(a, b)
+    return float("nan") if value is None else value
 
 
 # -------------------------------------------------------------------------------------- records

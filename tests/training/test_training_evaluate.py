@@ -132,17 +132,19 @@ def test_interpolation_is_log_bpp_and_refuses_extrapolation() -> None:
     assert rd_eval.interpolate_log_bpp(bpp, val, 0.41) is None
 
 
-def test_ms_ssim_scale_fallback_for_small_images() -> None:
-    assert rd_eval.ms_ssim_settings(161, 300) == (11, rd_eval.MS_SSIM_WEIGHTS)
-    win, w = rd_eval.ms_ssim_settings(160, 256)
-    assert win == 11 and len(w) == 4 and sum(w) == pytest.approx(1.0)
-    assert rd_eval.ms_ssim_settings(20, 20)[1] == (1.0,)
-    assert rd_eval.ms_ssim_settings(8, 30) == (7, (1.0,))
-    assert rd_eval.ms_ssim_settings(2, 30) is None
+def test_metrics_are_the_audit_metrics() -> None:
+    """evaluate and audit must agree on the same pair of images (one definition, pipeline.metrics)."""
+    from pipeline import metrics
+
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
     assert rd_eval.ms_ssim(a, a) == pytest.approx(1.0)
     assert rd_eval.ms_ssim(a, 255 - a) < 0.5
+    assert rd_eval.ms_ssim(a, b) == metrics.ms_ssim(a, b)[0]
+    assert rd_eval.psnr(a, b) == metrics.psnr(a, b)
+    assert rd_eval.psnr(a, a) == rd_eval.PSNR_CAP  # audit says inf; a mean over images needs a finite cap
+    assert math.isnan(rd_eval.ms_ssim(a[:20, :20], b[:20, :20]))  # no window fits below 33 px
 
 
 def test_usage_errors(tmp_path: Path, image_dir: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
