@@ -1,4 +1,7 @@
-"""Session fixtures shared by every test folder: the real test photos made by `make photos`.
+"""Session fixtures shared by every test folder: the real test photos made by `make photos`, the
+moto S3 server, the tiny codecs and one local Ray. Each is defined here once, so the folders share
+one instance per session (a fixture re-exported by several conftests is a separate fixture per
+folder, and a second ``ray.init`` in one process fails).
 
 Missing photos are a hard failure, never a skip: a suite that silently skips its real-image tests
 would pass CI while testing nothing. `make test` fetches them first.
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from jobs.local_s3 import LocalS3, local_s3  # noqa: E402
 from tools import photos as photos_tool  # noqa: E402
 
 PHOTOS_DIR_ENV = "RDEIC_PHOTOS_DIR"
@@ -65,3 +70,56 @@ def val_photo_paths(photos_root: Path) -> list[Path]:
     if len(paths) != len(photos_tool.VALIDATION):
         _fail_missing(f"{len(paths)} val768 PNGs, expected {len(photos_tool.VALIDATION)}", photos_root)
     return paths
+
+
+# ------------------------------------------------------------------------------------- S3 (moto)
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3]:
+    """A real S3 endpoint on 127.0.0.1 (moto server); local test credentials in the environment."""
+    with local_s3() as server:
+        yield server
+
+
+# ------------------------------------------------------------------------------------- codecs
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real tiny RDEIC codec (seeded random weights) saved with save_pretrained."""
+    from rdeic_core import RDEICCodec
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    RDEICCodec.from_config("tiny", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny codec with other weights (another fingerprint)."""
+    from rdeic_core import RDEICCodec
+
+    path = tmp_path_factory.mktemp("model") / "tiny-seed1"
+    RDEICCodec.from_config("tiny", seed=1).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="session")
+def ray_address(s3_server: LocalS3) -> Iterator[str]:
+    """A real local Ray: 8 logical CPUs on this 2-core machine (fewer deadlock, see ecosystem §1.8)
+    and 2 fake GPUs, so the executor takes its GPU-actor path (the codec then runs on CPU).
+
+    Depends on ``s3_server`` so the AWS test environment is set before any worker starts.
+    """
+    import ray
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 turns token auth on by default
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved

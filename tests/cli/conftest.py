@@ -1,5 +1,5 @@
-"""Fixtures for CLI tests: the pipeline fixtures (real tiny codec, moto S3, shards of real photos)
-plus a small archive written once by the real `rdeic archive` command."""
+"""Fixtures for CLI tests: shards of real photos (the real tiny codec and moto S3 come from
+tests/conftest.py) plus a small archive written once by the real `rdeic archive` command."""
 
 from __future__ import annotations
 
@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.conftest import (  # noqa: F401 - re-exported fixtures
-    TEST_MAX_PIXELS,
-    ShardSpec,
-    build_shard_specs,
-    other_model_dir,
-    s3_server,
-    tiny_model_dir,
-)
+from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, build_shard_specs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,6 @@ import io
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.local_s3 import LocalS3, local_s3
 
 TEST_MAX_PIXELS = 16 * 1024 * 1024
 
@@ -147,35 +145,9 @@ def build_shard_specs(photo_paths: list[Path], n_shards: int, photos_per_shard: 
     return specs
 
 
-# ------------------------------------------------------------------------------------- S3 (moto)
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[LocalS3]:
-    """A real S3 endpoint on 127.0.0.1 (moto server); local test credentials in the environment."""
-    with local_s3() as server:
-        yield server
-
-
 # ------------------------------------------------------------------------------------- codec
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real tiny RDEIC codec (seeded random weights) saved with save_pretrained."""
-    from rdeic_core import RDEICCodec
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    RDEICCodec.from_config("tiny", seed=0).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second tiny codec with other weights (another fingerprint)."""
-    from rdeic_core import RDEICCodec
-
-    path = tmp_path_factory.mktemp("model") / "tiny-seed1"
-    RDEICCodec.from_config("tiny", seed=1).save_pretrained(path)
-    return path
-
-
+# s3_server, tiny_model_dir, other_model_dir and ray_address live in tests/conftest.py: one
+# definition each, so every folder shares one moto server and one Ray per session.
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir: Path):  # noqa: ANN201 - jobs.codec.RDEICEncoder
     """The tiny codec loaded once on CPU (float32), through the same adapter the jobs use."""

@@ -1,15 +1,15 @@
 """Fixtures for restore / get / audit: real photos archived by the real archive job (local executor),
 helpers to damage one row of an archive file, and a temporary torch hub cache.
 
-The pipeline fixtures (moto S3, the tiny codec, hostile shards) and the local Ray come from
-``tests/pipeline/conftest.py`` and ``tests/jobs/conftest.py``.
+Moto S3, the tiny codecs and the local Ray come from ``tests/conftest.py``; the shard helpers from
+``tests/pipeline/conftest.py``.
 """
 
 from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,46 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.pipeline.conftest import (  # noqa: F401 - re-exported fixtures
-    TEST_MAX_PIXELS,
-    ShardSpec,
-    build_shard_specs,
-    other_model_dir,
-    s3_server,
-    tiny_model_dir,
-)
+from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, build_shard_specs
 
 ZOO_MODEL = "mini"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_address(s3_server: Any) -> Iterator[str]:  # noqa: F811 - AWS test env must be set before workers start
-    """A real local Ray, as in tests/jobs/conftest.py (8 logical CPUs, 2 fake GPUs).
-
-    Reuses a Ray that another folder's session fixture already started (``ray.init`` twice fails);
-    otherwise starts one for this module only and shuts it down after, so a later session-scoped
-    fixture elsewhere can start its own whatever the order the folders run in.
-    """
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        yield ray.get_runtime_context().gcs_address
-        return
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 turns token auth on by default
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="session", autouse=True)
