@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", default="tiny", metavar="NAME|DIR",
                      help="architecture of a fresh (random) model: tiny, sd21 or a model dir (default: tiny)")
     src.add_argument("--init", default=None, metavar="DIR", help="start from this saved model (previous stage's RUN/model)")
+    p.add_argument("--control-ratio", type=float, default=None, metavar="R",
+                   help="stage1: build a fresh control module R times the UNet's width (default: the init "
+                        "model's; sd21 uses 0.2)")
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps of this stage")
     p.add_argument("--batch", type=int, default=4, help="crops per step and process (reference: 4)")
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (default: vae/prior/stage1 1e-4, stage2 2e-5)")
@@ -92,7 +95,8 @@ def config_from_args(args: argparse.Namespace):
     from rdeic_core.training.data import DEFAULT_PHOTOS_DIR
 
     return TrainConfig(
-        stage=args.stage, run_dir=args.run_dir, config=args.config, init=args.init, steps=args.steps,
+        stage=args.stage, run_dir=args.run_dir, config=args.config, init=args.init,
+        control_ratio=args.control_ratio, steps=args.steps,
         batch=args.batch, lr=args.lr, lambda_g=args.lambda_g, fixed_step=args.fixed_step,
         lpips_weight=args.lpips_weight, bpp_weight=args.bpp_weight, rec_loss=args.rec_loss,
         kl_weight=args.kl_weight, ssim_weight=args.ssim_weight, perceptual=args.perceptual, crop=args.crop,

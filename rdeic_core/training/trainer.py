@@ -86,6 +86,10 @@ class TrainConfig:
     run_dir: str
     config: str = "tiny"  # architecture of a fresh model: a named config or a model directory
     init: str | None = None  # start from this model directory (the previous stage's RUN/model)
+    # stage1 only: build a fresh control module of this width (relative to the UNet) instead of the
+    # init model's. Stage 1 is where the control module is first trained, as the reference builds its
+    # ControlNet fresh; a small UNet needs a wider control than SD's 0.2x to carry c_latent.
+    control_ratio: float | None = None
     steps: int = 1000  # total optimizer steps of this stage (a resume continues up to it)
     batch: int = 4  # per process
     lr: float | None = None  # None: the stage's reference default
@@ -138,6 +142,12 @@ class TrainConfig:
             raise ValueError(f"stage1/stage2 crops must be a multiple of 64 (the codec's padding), got {c.crop}")
         if c.crop % 8:
             raise ValueError(f"crop must be a multiple of 8 (the VAE's downsampling), got {c.crop}")
+        if c.control_ratio is not None:
+            if c.stage != "stage1":
+                raise ValueError(f"control_ratio is a stage1 option (the control module is built there), "
+                                 f"not {c.stage}")
+            if not c.control_ratio > 0:
+                raise ValueError(f"control_ratio must be > 0, got {c.control_ratio}")
         CropSettings(c.crop, c.scale_range)  # validates the range
         self.loss_settings(c).validate()
         return c
@@ -231,11 +241,36 @@ def _load_codec_config(config: str) -> CodecConfig:
     return get_config(config)
 
 
+CONTROL_PREFIXES = ("noise_estimator.control.", "noise_estimator.enc_zero_convs_out.",
+                    "noise_estimator.middle_block_out.", "noise_estimator.dec_zero_convs_out.")
+
+
 def build_codec(cfg: TrainConfig) -> RDEICCodec:
     """The starting model: ``init`` (a saved model) or a fresh one of ``config`` seeded by ``seed``."""
     if cfg.init:
-        return RDEICCodec.from_pretrained(cfg.init)
-    return RDEICCodec.from_config(_load_codec_config(cfg.config), seed=cfg.seed)
+        codec = RDEICCodec.from_pretrained(cfg.init)
+    else:
+        codec = RDEICCodec.from_config(_load_codec_config(cfg.config), seed=cfg.seed)
+    if cfg.control_ratio is not None and cfg.control_ratio != codec.config.control.ratio:
+        codec = with_fresh_control(codec, cfg.control_ratio, cfg.seed)
+    return codec
+
+
+def with_fresh_control(codec: RDEICCodec, ratio: float, seed: int) -> RDEICCodec:
+    """A copy of ``codec`` whose control module (and zero convs) is rebuilt at ``ratio``, seeded by ``seed``.
+
+    Every other weight and buffer (VAE, compression module, UNet, context) is copied unchanged; the new
+    control starts as LDM's does (residual outputs and zero convs at zero), so the copy decodes exactly
+    like the plain UNet until stage 1 trains it.
+    """
+    config = dataclasses.replace(codec.config, control=dataclasses.replace(codec.config.control, ratio=ratio))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = RDEICCodec(config)
+    state = fresh.state_dict()
+    state.update({k: v for k, v in codec.state_dict().items() if not k.startswith(CONTROL_PREFIXES)})
+    fresh.load_codec_state(state)
+    return fresh.eval()
 
 
 def _previous_history(codec_dir: str | None) -> list[dict[str, Any]]:

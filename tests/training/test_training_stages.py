@@ -147,3 +147,28 @@ def test_images_of_a_wrong_size_are_refused(images):
         run_step("stage1", codec, images[:, :, :48, :48], torch.Generator(), LossSettings())
     with pytest.raises(ValueError, match="unknown stage"):
         run_step("stage3", codec, images, torch.Generator(), LossSettings())
+
+
+def test_fresh_control_keeps_every_other_weight_and_starts_silent():
+    """--control-ratio: a wider control module replaces the old one; the rest is copied bit for bit,
+    and with its zero convs at zero the new control leaves the sampler's output unchanged."""
+    from rdeic_core.training.trainer import CONTROL_PREFIXES, TrainConfig, with_fresh_control
+
+    codec = RDEICCodec.from_config("tiny", seed=3)
+    wide = with_fresh_control(codec, 1.0, seed=5)
+    assert wide.config.control.ratio == 1.0 and codec.config.control.ratio != 1.0
+    old, new = codec.state_dict(), wide.state_dict()
+    kept = [k for k in old if not k.startswith(CONTROL_PREFIXES)]
+    assert kept and all(torch.equal(old[k], new[k]) for k in kept)
+    assert wide.noise_estimator.control.out_channels[0] > codec.noise_estimator.control.out_channels[0]
+    image = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    lat = codec.decode_latents(codec.encode([image]))
+    shape = tuple(lat.c_latent.shape[1:])
+    start, noise = codec.noise_for(7, shape, 2)
+    x_old = codec.reconstruct_latent(lat.c_latent, lat.guide_hint, 2, 1.0, start, noise)
+    x_new = wide.reconstruct_latent(lat.c_latent, lat.guide_hint, 2, 1.0, start, noise)
+    assert torch.equal(x_old, x_new)
+    with pytest.raises(ValueError, match="stage1"):
+        TrainConfig(stage="stage2", run_dir="r", control_ratio=1.0).resolved()
+    with pytest.raises(ValueError, match="> 0"):
+        TrainConfig(stage="stage1", run_dir="r", control_ratio=0.0).resolved()
