@@ -31,12 +31,11 @@ def _one_thread() -> None:
 
 
 @pytest.fixture(scope="session")
-def codec_model_dir(tiny_model_dir: Path) -> Path:
-    """The embedded model (``rdeic_core/zoo/mini``) once it ships; until then the tiny codec."""
-    from rdeic_core.codec import _zoo_dir
+def codec_model_dir() -> Path:
+    """The embedded model (``rdeic_core/zoo/mini``): restore and audit are tested on what users get."""
+    from rdeic_core.codec import resolve_model_path
 
-    shipped = _zoo_dir() / ZOO_MODEL
-    return shipped if (shipped / "config.json").is_file() else tiny_model_dir
+    return resolve_model_path(ZOO_MODEL)  # raises when the shipped model is missing
 
 
 @pytest.fixture(scope="session")
