@@ -24,7 +24,7 @@ from rdeic_core.codec import RDEICCodec
 
 @pytest.fixture(scope="module")
 def image_dir(photos_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two photos: a 256x160 one (MS-SSIM small-image fallback) and a 240x200 crop (standard 5 scales)."""
+    """Two photos: a 256x160 one (a smaller MS-SSIM window) and a 240x200 crop (standard 5 scales)."""
     d = tmp_path_factory.mktemp("eval_images")
     Image.open(photos_root / "small" / "Aqua.png").convert("RGB").save(d / "a_small.png")
     with Image.open(sorted((photos_root / "val768").glob("*.png"))[0]) as im:
@@ -33,17 +33,10 @@ def image_dir(photos_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("model") / "tiny-random"
-    RDEICCodec.from_config("tiny", seed=0).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def report_dir(image_dir: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def report_dir(image_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rd")
     torch.set_num_threads(1)
-    rc = evaluate.main(["--images", str(image_dir), "--model", str(tiny_model), "--steps", "0,1",
+    rc = evaluate.main(["--images", str(image_dir), "--model", str(tiny_model_dir), "--steps", "0,1",
                         "--jpeg-qualities", "5,50,90", "--webp-qualities", "0-100:50", "--out", str(out)])
     assert rc == 0
     return out
@@ -65,14 +58,14 @@ def test_outputs_written_with_expected_columns(report_dir: Path) -> None:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["method", "setting", "bpp", "psnr", "ms_ssim", "n_images", "encode_s", "decode_s"]
     settings = {(r["method"], r["setting"]) for r in rows}
-    assert settings == {("tiny-random", "S=0"), ("tiny-random", "S=1"), ("jpeg", "q=5"), ("jpeg", "q=50"),
+    assert settings == {("tiny", "S=0"), ("tiny", "S=1"), ("jpeg", "q=5"), ("jpeg", "q=50"),
                         ("jpeg", "q=90"), ("webp", "q=0"), ("webp", "q=50"), ("webp", "q=100")}
     assert all(r["n_images"] == "2" for r in rows)
     md = (report_dir / "rd.md").read_text()
     header = md.splitlines()[0]
     for col in ("bpp", "PSNR", "MS-SSIM", "jpeg PSNR@bpp", "webp MS-SSIM@bpp", "ΔPSNR vs jpeg"):
         assert f" {col} " in header, col
-    assert md.count("| tiny-random |") == 2
+    assert md.count("| tiny |") == 2
 
 
 def test_baseline_values_equal_independent_computation(report_dir: Path, image_dir: Path) -> None:
@@ -96,9 +89,9 @@ def test_baseline_values_equal_independent_computation(report_dir: Path, image_d
     assert float(rows[("jpeg", "q=50", "b_crop.png")]["ms_ssim"]) == pytest.approx(expected, abs=1e-5)
 
 
-def test_model_values_equal_independent_roundtrip(report_dir: Path, image_dir: Path, tiny_model: Path) -> None:
-    rows = {(r["setting"], r["image"]): r for r in _per_image(report_dir) if r["method"] == "tiny-random"}
-    codec = RDEICCodec.from_pretrained(tiny_model)
+def test_model_values_equal_independent_roundtrip(report_dir: Path, image_dir: Path, tiny_model_dir: Path) -> None:
+    rows = {(r["setting"], r["image"]): r for r in _per_image(report_dir) if r["method"] == "tiny"}
+    codec = RDEICCodec.from_pretrained(tiny_model_dir)
     img = np.asarray(Image.open(image_dir / "b_crop.png").convert("RGB"))
     data = codec.encode([img])[0]
     dec0 = codec.decode([data], steps=0)[0]
@@ -115,7 +108,7 @@ def test_curves_are_means_and_matching_interpolates(report_dir: Path) -> None:
     q50 = [float(r["psnr"]) for r in per if r["method"] == "jpeg" and r["setting"] == "q=50"]
     assert jpeg["q=50"]["psnr"] == pytest.approx(np.mean(q50), abs=1e-9)
     bpp_curve = sorted((c["bpp"], c["psnr"]) for c in jpeg.values())
-    for mp in data["models"]["tiny-random"]:
+    for mp in data["models"]["tiny"]:
         m = mp["matched"]["jpeg"]["psnr"]
         if bpp_curve[0][0] <= mp["bpp"] <= bpp_curve[-1][0]:
             expected = np.interp(math.log(mp["bpp"]), [math.log(b) for b, _ in bpp_curve], [p for _, p in bpp_curve])
@@ -147,12 +140,12 @@ def test_metrics_are_the_audit_metrics() -> None:
     assert math.isnan(rd_eval.ms_ssim(a[:20, :20], b[:20, :20]))  # no window fits below 33 px
 
 
-def test_usage_errors(tmp_path: Path, image_dir: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors(tmp_path: Path, image_dir: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(["--images", str(tmp_path), "--model", "tiny"]) == evaluate.EXIT_USAGE
     assert "no images" in capsys.readouterr().err
     assert evaluate.main(["--images", str(image_dir), "--model", str(tmp_path / "nope")]) == evaluate.EXIT_USAGE
     assert "no model directory" in capsys.readouterr().err
-    assert evaluate.main(["--images", str(image_dir), "--model", str(tiny_model), "--model", str(tiny_model)]) == 2
-    assert "labelled 'tiny-random'" in capsys.readouterr().err
+    assert evaluate.main(["--images", str(image_dir), "--model", str(tiny_model_dir), "--model", str(tiny_model_dir)]) == 2
+    assert "labelled 'tiny'" in capsys.readouterr().err
     assert evaluate.model_label("lo=runs/x/model") == ("lo", "runs/x/model")
     assert evaluate.model_label("mini") == ("mini", "mini")
