@@ -60,8 +60,11 @@ def rate_stages(a: argparse.Namespace, lambda_g: float) -> list[Stage]:
     """Stage 1 and stage 2 of one rate point."""
     common = ["--seed", str(a.seed), "--ckpt-every", str(a.ckpt_every), "--log-every", "10"]
     return [
+        # A fresh control module as wide as the UNet (sd21 uses 0.2x; 0.2x of mini's 16-channel UNet is 3
+        # channels, too narrow to carry c_latent, and the sampler then lost detail instead of adding it).
         Stage("stage1", a.steps_stage1, ["--crop", "128", "--batch", "4", "--lr", "3e-4", "--scale-range", "0.25,1.0",
-                                         "--lambda-g", f"{lambda_g:g}", *common]),
+                                         "--lambda-g", f"{lambda_g:g}", "--control-ratio", f"{a.control_ratio:g}",
+                                         *common]),
         # Stage 2 keeps the reference's crop fractions (0.4, 0.5) and runs the S-step sampler with gradients.
         Stage("stage2", a.steps_stage2, ["--crop", "128", "--batch", "2", "--lr", "5e-5",
                                          "--lambda-g", f"{lambda_g:g}", "--fixed-step", str(a.fixed_step),
@@ -183,20 +186,22 @@ def _rate_point(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--rate-point must be NAME=LAMBDA_G (e.g. mini=4), got {text!r}") from None
 
 
-DEFAULT_RATE_POINTS = [("mini-lo", 1.0), ("mini", 4.0)]
+DEFAULT_RATE_POINTS = [("mini-lo", 1.0), ("mini", 4.0), ("mini-hi", 17.0)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate-point", dest="rate_points", type=_rate_point, action="append", default=None,
                    metavar="NAME=LAMBDA_G", help="zoo name and lambda_g of one rate point (larger = more bits); "
-                   "repeat for several (default: mini-lo=1 and mini=4)")
+                   "repeat for several (default: mini-lo=1, mini=4, mini-hi=17)")
     p.add_argument("--fixed-step", type=int, default=2, help="stage 2 sampler steps S")
     p.add_argument("--out-dir", default=str(REPO / "runs" / "mini"), help="run directory (default: runs/mini)")
     p.add_argument("--steps-vae", type=int, default=2200)
-    p.add_argument("--steps-prior", type=int, default=600)
-    p.add_argument("--steps-stage1", type=int, default=1000)
-    p.add_argument("--steps-stage2", type=int, default=150)
+    p.add_argument("--steps-prior", type=int, default=2000)
+    p.add_argument("--steps-stage1", type=int, default=2000)
+    p.add_argument("--steps-stage2", type=int, default=500)
+    p.add_argument("--control-ratio", type=float, default=1.0,
+                   help="stage 1 control module width relative to the UNet (see rate_stages)")
     p.add_argument("--seed", type=int, default=231)
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=1,
