@@ -4,7 +4,7 @@
 #   make test    run the whole pytest suite (PYTEST_ARGS="-k foo -x" to narrow it)
 #   make demo    end-to-end demo (jobs.demo)
 #   make bench   benchmarks (bench.run)
-#   make mini    train the embedded mini models from scratch on CPU (~45-60 min) -> rdeic_core/zoo/mini, mini-lo
+#   make mini    train the embedded mini models from scratch on CPU (~65-80 min) -> rdeic_core/zoo/mini-lo, mini, mini-hi
 #   make clean   caches and build leftovers;  make distclean  also .venv and data/
 SHELL := /bin/bash
 .DEFAULT_GOAL := test

@@ -1,7 +1,7 @@
 """``rdeic evaluate``: rate-distortion of RDEIC models against JPEG and WebP on a folder of images.
 
     rdeic evaluate --images data/photos/val768 --model mini
-    rdeic evaluate --images DIR --model mini-lo --model mini --steps 0,2,5 --out outputs/evaluate/mini
+    rdeic evaluate --images DIR --model mini-lo --model mini --model mini-hi --out outputs/evaluate/mini
     rdeic evaluate --images DIR --model lo=runs/mini/mini-lo/stage2/model   # LABEL=DIR
     python -m jobs.evaluate ...                 # the same
 

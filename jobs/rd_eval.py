@@ -253,11 +253,16 @@ def plot(path: Path, model_curves: dict[str, Sequence[CurvePoint]], baselines: d
         for b, bc in baselines.items():
             bc = sorted((c for c in bc if c.bpp <= max_bpp), key=lambda c: c.bpp)
             ax.plot([c.bpp for c in bc], [getattr(c, key) for c in bc], "-", lw=1.5, label=f"{b} (Pillow)")
+        # One line per sampler setting through every model's point (the rate points of a family make
+        # its RD curve), each point labelled with its model.
+        points = [c for mc in model_curves.values() for c in mc]
+        for s in sorted({c.setting for c in points}, key=lambda x: (len(x), x)):
+            pts = sorted((c for c in points if c.setting == s), key=lambda c: c.bpp)
+            ax.plot([c.bpp for c in pts], [getattr(c, key) for c in pts], "o--", ms=6, label=f"model {s}")
         for m, mc in model_curves.items():
-            steps = sorted({c.setting for c in mc})
-            for s in steps:
-                pts = sorted((c for c in mc if c.setting == s), key=lambda c: c.bpp)
-                ax.plot([c.bpp for c in pts], [getattr(c, key) for c in pts], "o--", ms=6, label=f"{m} {s}")
+            top = max(mc, key=lambda c: getattr(c, key))
+            ax.annotate(m, (top.bpp, getattr(top, key)), textcoords="offset points", xytext=(0, 7),
+                        ha="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlim(lo, max_bpp)
         ax.set_xlabel("bpp")

@@ -8,8 +8,8 @@ Two named configs ship with the library:
   the ELIC-style compression module of spec section 2).
 * ``tiny``: the same structure at small widths so that a round trip runs in
   seconds on a CPU; used by the tests.
-* ``mini``: the architecture of the shipped, trained-from-scratch embedded
-  models (rdeic_core/zoo/mini, mini-lo; docs/mini.md).
+* ``mini``: the starting architecture of the shipped, trained-from-scratch
+  embedded models (rdeic_core/zoo/mini-lo, mini, mini-hi; docs/mini.md).
 """
 
 from __future__ import annotations
@@ -206,8 +206,11 @@ def mini() -> CodecConfig:
 
     Sized for a <= 20 MB fp32 safetensors file and for CPU training in about an hour: the
     capacity sits in the VAE (which bounds the reconstruction quality) and in the compression
-    transforms; the UNet prior and its 0.2x control copy stay small because the relay sampler
-    only refines a latent that the compression module already predicts.
+    transforms; the UNet prior stays small because the relay sampler only refines a latent that
+    the compression module already predicts. The 0.2x control here is what the VAE and prior
+    stages are built with (its random draw is part of the recipe's seeded start); ``make mini``
+    replaces it at stage 1 with a fresh 1.0x control (``--control-ratio``), since 0.2x of a
+    16-channel UNet is too narrow to carry c_latent. The shipped config.json records the 1.0x.
     """
     vae = copy.deepcopy(_SD21_VAE)
     vae.update(block_out_channels=[32, 64, 64, 64], layers_per_block=1, norm_num_groups=16, sample_size=256)
