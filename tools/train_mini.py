@@ -100,6 +100,15 @@ def run_stages(cmds: list[list[str]], log_paths: list[Path]) -> float:
     return time.monotonic() - t0
 
 
+def last_checkpoint_step(run_dir: Path) -> int:
+    """Step of the newest complete checkpoint of a stage run (0 before it starts); the trainer always
+    checkpoints its last step, so this grows exactly when a stage trained."""
+    from rdeic_core.training.trainer import list_checkpoints
+
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][0] if ckpts else 0
+
+
 def training_photo_hashes(photos_dir: Path) -> dict[str, str]:
     """sha256 of each training original (the ``train`` list of split.json): the model card's data record."""
     split = json.loads((photos_dir / "split.json").read_text())
@@ -223,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     timings_path = out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
-    def record(key: str, wall: float) -> None:
-        # A resumed stage adds to its earlier wall time; a pure re-export (seconds) is not counted again.
-        if key not in timings or wall > 30:
+    def record(key: str, wall: float, trained: bool) -> None:
+        # A resumed stage adds to its earlier wall time; a pure re-export (no step trained) does not.
+        if key not in timings or trained:
             timings[key] = timings.get(key, 0.0) + wall
         timings_path.write_text(json.dumps(timings, indent=2))
 
@@ -233,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     for st in shared_stages(a):
         run_dir = out / st.name
         print(f"train_mini: {st.name} ({st.steps} steps) -> {run_dir}", flush=True)
+        before = last_checkpoint_step(run_dir)
         wall = run_stages([stage_command(st, run_dir, prev, a.threads)], [out / "train.log"])
-        record(st.name, wall)
+        record(st.name, wall, last_checkpoint_step(run_dir) > before)
         print(f"train_mini: {st.name} done in {wall:.0f} s", flush=True)
         prev = run_dir / "model"
     assert prev is not None
@@ -249,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             logs.append(out / name / "train.log")
             models[name] = out / name / st.name / "model"
         print(f"train_mini: {stage_name} of {[n for n, _ in a.rate_points]} side by side", flush=True)
+        run_dirs = [out / name / per_rate[name][k].name for name, _ in a.rate_points]
+        before = [last_checkpoint_step(d) for d in run_dirs]
         wall = run_stages(cmds, logs)
-        record(stage_name, wall)
+        record(stage_name, wall, any(last_checkpoint_step(d) > b for d, b in zip(run_dirs, before)))
         print(f"train_mini: {stage_name} done in {wall:.0f} s", flush=True)
 
     command = ("python tools/train_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
