@@ -41,7 +41,7 @@ from .metrics import DEFAULT_FID_PATCH, PERCEPTUAL_METRICS, PerceptualMetrics, m
 from .reader import DEFAULT_MAX_MEMBER_BYTES, ShardReader
 from .restore import check_row, decode_streams, png_bytes
 from .runner import FatalShardError
-from .types import STATUS_FAILED, STATUS_OK, ShardRef, ShardStats
+from .types import STATUS_FAILED, STATUS_OK, ShardRef, ShardStats, mark_failed
 from .writer import to_parquet_bytes
 
 ProgressFn = Callable[[int], None]
@@ -187,9 +187,7 @@ class AuditRecord:
     fid_patches: int | None = None
 
     def fail(self, reason: str, message: str) -> AuditRecord:
-        if reason not in AUDIT_REASONS:
-            raise ValueError(f"unknown audit failure reason {reason!r}; expected one of {sorted(AUDIT_REASONS)}")
-        self.status, self.reason, self.error = STATUS_FAILED, reason, message
+        mark_failed(self, reason, message, AUDIT_REASONS, "audit failure")
         return self
 
 

@@ -38,7 +38,7 @@ from .archives import DECODE_COLUMNS, read_rows
 from .decoder import DECODE_REASONS, Decoder, RejectedStream, SizeBuckets, StreamDecodeError, StreamInfo
 from .manifest import Manifest, OutputConflictError, OutputLocation, utc_now
 from .runner import FatalShardError
-from .types import STATUS_FAILED, STATUS_OK, ShardRef, ShardStats
+from .types import STATUS_FAILED, STATUS_OK, ShardRef, ShardStats, mark_failed
 from .writer import to_parquet_bytes
 
 ProgressFn = Callable[[int], None]
@@ -193,9 +193,7 @@ class RestoreRecord:
     pixels_sha256: bytes | None = None
 
     def fail(self, reason: str, message: str) -> RestoreRecord:
-        if reason not in RESTORE_REASONS:
-            raise ValueError(f"unknown restore failure reason {reason!r}; expected one of {sorted(RESTORE_REASONS)}")
-        self.status, self.reason, self.error = STATUS_FAILED, reason, message
+        mark_failed(self, reason, message, RESTORE_REASONS, "restore failure")
         return self
 
 

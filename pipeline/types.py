@@ -79,6 +79,14 @@ class ShardDamage:
         return {"offset": self.offset, "message": self.message}
 
 
+def mark_failed(record: Any, reason: str, message: str, reasons: Any, what: str) -> None:
+    """Set status/reason/error of an archive, restore or audit row; a reason outside the job's closed
+    set is a bug in the caller, so it raises instead of writing an undocumented reason."""
+    if reason not in reasons:
+        raise ValueError(f"unknown {what} reason {reason!r}; expected one of {sorted(reasons)}")
+    record.status, record.reason, record.error = STATUS_FAILED, reason, message
+
+
 @dataclass(slots=True)
 class Record:
     """One row of the archive (one input sample); see ``pipeline.writer.ARCHIVE_SCHEMA``."""
@@ -104,9 +112,7 @@ class Record:
 
     def fail(self, reason: str, message: str) -> Record:
         """Mark the record failed with a reason from REASONS (unknown reasons are a bug, so raise)."""
-        if reason not in REASONS:
-            raise ValueError(f"unknown failure reason {reason!r}; expected one of {sorted(REASONS)}")
-        self.status, self.reason, self.error = STATUS_FAILED, reason, message
+        mark_failed(self, reason, message, REASONS, "failure")
         self.bitstream = self.bitstream_crc32 = self.bpp = None
         return self
 
