@@ -132,6 +132,10 @@ class RDEICEncoderFactory:
 
     def load(self, device: str = "auto") -> RDEICEncoder:
         """Load the model onto ``device`` (``auto``: CUDA if this process sees a GPU, else CPU float32)."""
+        return RDEICEncoder(*self._load_placed(device))
+
+    def _load_placed(self, device: str) -> tuple[Any, str]:
+        """(codec, resolved device): the model on the device, in ``compute_dtype`` on CUDA, float32 on CPU."""
         import torch
 
         resolved = _resolve_device(device)
@@ -140,4 +144,4 @@ class RDEICEncoderFactory:
             codec.to(resolved, getattr(torch, self.compute_dtype))
         else:
             codec.to(resolved)
-        return RDEICEncoder(codec, resolved)
+        return codec, resolved

@@ -58,7 +58,7 @@ from .archive import (
     effective_storage_options,
     make_executor,
 )
-from .codec import RDEICEncoderFactory, _describe_device, _resolve_device
+from .codec import RDEICEncoderFactory, _describe_device
 
 log = logging.getLogger(__name__)
 RESTORE_FILE = "restore.json"
@@ -113,15 +113,7 @@ class RDEICDecoderFactory(RDEICEncoderFactory):
     """Same recipe as the encoder factory (model name/dir + compute dtype); ``load`` gives a decoder."""
 
     def load(self, device: str = "auto") -> RDEICDecoder:  # type: ignore[override]
-        import torch
-
-        resolved = _resolve_device(device)
-        codec = self._load_codec()
-        if resolved.startswith("cuda") and self.compute_dtype:
-            codec.to(resolved, getattr(torch, self.compute_dtype))
-        else:
-            codec.to(resolved)
-        return RDEICDecoder(codec, resolved)
+        return RDEICDecoder(*self._load_placed(device))
 
 
 # ------------------------------------------------------------------------------------ shared set-up
