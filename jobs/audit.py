@@ -51,7 +51,14 @@ from pipeline.runner import FatalShardError
 from pipeline.shards import expand_inputs
 
 from .archive import EXECUTORS, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_SHARDS_FAILED, build_summary
-from .restore import add_common_arguments, common_job_options, open_archive, storage_options_for, summarize_failed_keys
+from .restore import (
+    add_common_arguments,
+    add_decode_overrides,
+    common_job_options,
+    open_archive,
+    storage_options_for,
+    summarize_failed_keys,
+)
 
 log = logging.getLogger(__name__)
 AUDIT_FILE = "audit.json"
@@ -240,8 +247,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="URL", help="where metrics, summary.json and report.html go")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of archived keys to audit (hash-sampled)")
     p.add_argument("--seed", type=int, default=0, help="seed of the key sample")
-    p.add_argument("--steps", type=int, default=None, help="relay steps (default: each bitstream header's)")
-    p.add_argument("--detail-scale", type=float, default=None, help="detail scale (default: each header's)")
+    add_decode_overrides(p)
     p.add_argument("--perceptual", type=parse_perceptual, default=PERCEPTUAL_METRICS, metavar="LIST",
                    help="perceptual metrics to try when their weights exist: lpips,dists,fid (default all) or none")
     p.add_argument("--fid-patch", type=int, default=DEFAULT_FID_PATCH, help="FID/KID patch size in px (HiFiC: 256)")

@@ -30,7 +30,7 @@ from pipeline.decoder import RejectedStream
 from pipeline.restore import check_row, decode_streams
 
 from .archive import EXECUTORS, EXIT_CONFIG, EXIT_OK, EXIT_SHARDS_FAILED, _json_object
-from .restore import RDEICDecoderFactory, open_archive, storage_options_for
+from .restore import RDEICDecoderFactory, add_decode_overrides, open_archive, storage_options_for
 
 EXIT_NOT_DECODED = EXIT_SHARDS_FAILED
 
@@ -145,8 +145,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("archive", metavar="ARCHIVE", help="archive prefix written by `rdeic archive`")
     p.add_argument("key", metavar="KEY", help="archive key, '<shard_id>/<sample key>'")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write (format from its extension)")
-    p.add_argument("--steps", type=int, default=None, help="relay steps (default: the header's)")
-    p.add_argument("--detail-scale", type=float, default=None, help="detail scale (default: the header's)")
+    add_decode_overrides(p)
     p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
                    help="model (default: $RDEIC_MODEL, else the model in the archive's run.json)")
     p.add_argument("--executor", choices=EXECUTORS, default="local",

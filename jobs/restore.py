@@ -274,6 +274,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------ CLI
+def add_decode_overrides(p: argparse.ArgumentParser) -> None:
+    """--steps / --detail-scale of restore, audit and get: override what each bitstream header says."""
+    p.add_argument("--steps", type=int, default=None, help="relay steps (default: each bitstream header's)")
+    p.add_argument("--detail-scale", type=float, default=None, help="detail scale (default: each header's)")
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Options every decode-side job shares with ``rdeic archive``."""
     p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
@@ -312,8 +318,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="URL", help="output prefix (s3://..., file://..., path)")
     p.add_argument("--format", choices=FORMATS, default="wds",
                    help="wds: shards/<shard>.tar of <key>.png; folder: images/<shard>/<key>.png")
-    p.add_argument("--steps", type=int, default=None, help="relay steps (default: each bitstream header's)")
-    p.add_argument("--detail-scale", type=float, default=None, help="detail scale (default: each header's)")
+    add_decode_overrides(p)
     add_common_arguments(p)
     p.set_defaults(func=main_from_args)
     return p
