@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import ScheduleConfig
-from .schedule import alphas_cumprod, relay_schedule, relay_start_t
+from .schedule import RelaySchedule, alphas_cumprod, relay_schedule, relay_start_t
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -70,22 +70,26 @@ def sample(
         raise ValueError(f"need {n} step noises, got {len(step_noise)}")
     x = x_start
     for i, k in enumerate(reversed(range(n))):
-        t = sched.timesteps[k]
-        eps = guided_eps(eps_fn, uncond_fn, x, t, detail_scale)
-        # float32 coefficients, as the reference extracts them from float64 arrays
-        x0 = float(torch.tensor(sched.sqrt_recip_alphas_cumprod[k], dtype=torch.float32)) * x \
-            - float(torch.tensor(sched.sqrt_recipm1_alphas_cumprod[k], dtype=torch.float32)) * eps
-        if k == 0:
-            x = x0  # coef1 = 1, coef2 = 0, variance masked
-            continue
-        c1 = float(torch.tensor(sched.coef1[k], dtype=torch.float32))
-        c2 = float(torch.tensor(sched.coef2[k], dtype=torch.float32))
-        mean = c1 * x0 + c2 * x
-        std = float(torch.tensor(sched.log_variance_clipped[k], dtype=torch.float32).mul(0.5).exp())
-        if step_noise is None:
-            xi = torch.randn_like(x)
-        else:
-            xi = step_noise[i].to(x)
-        x = mean + std * xi
+        eps = guided_eps(eps_fn, uncond_fn, x, sched.timesteps[k], detail_scale)
+        x = relay_step(x, eps, k, sched, None if step_noise is None else step_noise[i])
     return x
 
+
+def relay_step(x: torch.Tensor, eps: torch.Tensor, k: int, sched: RelaySchedule,
+               xi: torch.Tensor | None = None) -> torch.Tensor:
+    """One posterior step of the chain at spaced index ``k`` given the noise prediction ``eps``.
+
+    Split from :func:`sample` so a tiled decoder can compute ``eps`` tile by tile over several
+    canvases and still take exactly this step on each (the step is elementwise).
+    """
+    # float32 coefficients, as the reference extracts them from float64 arrays
+    x0 = float(torch.tensor(sched.sqrt_recip_alphas_cumprod[k], dtype=torch.float32)) * x \
+        - float(torch.tensor(sched.sqrt_recipm1_alphas_cumprod[k], dtype=torch.float32)) * eps
+    if k == 0:
+        return x0  # coef1 = 1, coef2 = 0, variance masked
+    c1 = float(torch.tensor(sched.coef1[k], dtype=torch.float32))
+    c2 = float(torch.tensor(sched.coef2[k], dtype=torch.float32))
+    mean = c1 * x0 + c2 * x
+    std = float(torch.tensor(sched.log_variance_clipped[k], dtype=torch.float32).mul(0.5).exp())
+    xi = torch.randn_like(x) if xi is None else xi.to(x)
+    return mean + std * xi
