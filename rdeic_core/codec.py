@@ -40,7 +40,9 @@ from .config import CodecConfig, get_config
 from .images import pad_batch, padded_size, to_rgb_uint8
 from .noise_estimator import NoiseEstimator
 from .numerics import install_singleton_safe_group_norms, reproducible
-from .sampler import relay_start, sample
+from .sampler import guided_eps, relay_start, relay_step, sample
+from .schedule import relay_schedule
+from .tiling import Blend, SharedGroupNorms, Tile, TileConfig, fits_one_tile, grid, proxy_size, run_tiled
 from .vae import SDVAE
 
 FORMAT_NAME = "rdeic-codec"
@@ -88,6 +90,9 @@ class RDEICCodec(nn.Module):
         install_singleton_safe_group_norms(self)  # 64-px images reach 1x1 maps with 1-channel groups
         self.compute_dtype = torch.float32
         self.max_batch = 8
+        # Tile grid of large images (fixed per model: it shapes the decoded pixels) and the memory
+        # bound ``tiling.batch`` (tiles per network pass); see tiling.py.
+        self.tiling = TileConfig()
         # Bit-identical bytes whatever the caller's thread count (see numerics.py).
         self.reproducible = True
         self._fingerprint: bytes | None = None
@@ -233,29 +238,81 @@ class RDEICCodec(nn.Module):
     def _encode_arrays(self, arrays: list[np.ndarray], steps: int, detail_scale: float, seed: int | None,
                        fp4: bytes) -> list[bytes]:
         out: list[bytes | None] = [None] * len(arrays)
-        for idx in self._batches_by_size([a.shape[:2] for a in arrays]):
-            batch = pad_batch([arrays[i] for i in idx], self.config.pad_multiple)
+
+        def emit(i: int, comp: Any) -> None:
+            h, w = arrays[i].shape[:2]
+            s = seed if seed is not None else zlib.crc32(comp.y_string)
+            header = Header(version=1, fingerprint=fp4, height=h, width=w, steps=steps,
+                            detail_scale=detail_scale, seed=s & 0xFFFFFFFF,
+                            z_shape=tuple(comp.z_indices.shape), y_hat_crc32=comp.y_hat_crc32)
+            out[i] = Bitstream(header=header, z_payload=comp.z_bytes, y_payload=comp.y_string).to_bytes()
+
+        m = self.config.pad_multiple
+        tile = self.tiling.encode_tile
+        small = [i for i, a in enumerate(arrays) if fits_one_tile(*padded_size(*a.shape[:2], m), tile)]
+        large = [i for i in range(len(arrays)) if i not in set(small)]
+        for idx in self._batches_by_size([arrays[i].shape[:2] for i in small]):
+            idx = [small[j] for j in idx]
+            batch = pad_batch([arrays[i] for i in idx], m)
             x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
             x = (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
             feat = self.vae.encode_features(x).float()
             for i, comp in zip(idx, self.compression.compress(feat)):
-                h, w = arrays[i].shape[:2]
-                s = seed if seed is not None else zlib.crc32(comp.y_string)
-                header = Header(version=1, fingerprint=fp4, height=h, width=w, steps=steps,
-                                detail_scale=detail_scale, seed=s & 0xFFFFFFFF,
-                                z_shape=tuple(comp.z_indices.shape), y_hat_crc32=comp.y_hat_crc32)
-                out[i] = Bitstream(header=header, z_payload=comp.z_bytes, y_payload=comp.y_string).to_bytes()
+                emit(i, comp)
+        if large:
+            feats = self._encode_features_tiled([arrays[i] for i in large])
+            for i, feat in zip(large, feats):
+                emit(i, self.compression.compress(feat[None].to(self.device))[0])
         return out  # type: ignore[return-value]
 
+    def _encode_features_tiled(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """VAE encoder features of large images, on overlapping tiles blended in feature space.
+
+        Tiles are aligned to 64 pixels (8 feature positions) so each tile's down-sampling phase is
+        the whole image's; all tiles of all images share batches of one shape.
+        """
+        tc = self.tiling
+        padded = [pad_batch([a], self.config.pad_multiple)[0] for a in arrays]
+        sizes = [(p.shape[0] // 8, p.shape[1] // 8) for p in padded]
+        tile, overlap = tc.encode_tile // 8, tc.encode_overlap // 8
+        tiles = [t for i, (h, w) in enumerate(sizes) for t in grid(h, w, tile, overlap, 8, image=i)]
+        blends = [Blend(h, w, tile, overlap, 8) for h, w in sizes]
+
+        def to_input(px: np.ndarray) -> torch.Tensor:
+            x = torch.from_numpy(px).to(self.device).permute(0, 3, 1, 2)
+            return (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
+
+        norms = SharedGroupNorms(self.vae.vae.encoder) if tc.share_norm_stats else None
+        if norms is not None:
+            for p in padded:
+                x = to_input(p[None])
+                size = proxy_size(x.shape[-2], x.shape[-1], tc.encode_tile, 64)
+                proxy = torch.nn.functional.interpolate(x, size=size, mode="area")
+                norms.record(lambda: self.vae.encode_features(proxy))
+
+        def fn(chunk: list[Tile]) -> torch.Tensor:
+            x = to_input(np.stack([padded[t.image][t.y * 8:(t.y + t.h) * 8, t.x * 8:(t.x + t.w) * 8] for t in chunk]))
+            if norms is None:
+                return self.vae.encode_features(x)
+            return norms.apply([t.image for t in chunk], lambda: self.vae.encode_features(x))
+
+        return run_tiled(sizes, tiles, blends, fn, self.config.compression.in_nc, tc.batch)
+
     def _batches_by_size(self, sizes: Iterable[tuple[int, int]]) -> list[list[int]]:
-        """Indices grouped by padded size (one tensor per group), chunked to max_batch."""
+        """Indices grouped by padded size (one tensor per group), chunked to max_batch.
+
+        A chunk also holds at most as many pixels as ``tiling.batch`` encoder tiles, so a batch of
+        one-tile images stays within the memory bound that tiled images keep.
+        """
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, (h, w) in enumerate(sizes):
             groups[padded_size(h, w, self.config.pad_multiple)].append(i)
+        budget = self.tiling.batch * self.tiling.encode_tile ** 2
         out = []
-        for idx in groups.values():
-            for k in range(0, len(idx), self.max_batch):
-                out.append(idx[k:k + self.max_batch])
+        for (hp, wp), idx in groups.items():
+            n = max(1, min(self.max_batch, budget // (hp * wp)))
+            for k in range(0, len(idx), n):
+                out.append(idx[k:k + n])
         return out
 
     # ------------------------------------------------------------------ decode
@@ -315,21 +372,36 @@ class RDEICCodec(nn.Module):
         x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
         return (x.permute(0, 2, 3, 1) * 255.0).cpu().numpy().astype(np.uint8)
 
+    def _fits_untiled(self, z_shape: tuple[int, ...]) -> bool:
+        """Latent canvas of a stream (z grid x 8) fits one sampler tile and one VAE-decoder tile."""
+        h, w = int(z_shape[0]) * 8, int(z_shape[1]) * 8
+        return fits_one_tile(h, w, self.tiling.latent_tile) and fits_one_tile(h, w, self.tiling.decode_tile)
+
     @torch.no_grad()
     def decode(self, bitstreams: Sequence[bytes], steps: int | None = None,
                detail_scale: float | None = None) -> list[np.ndarray]:
-        """Decode a batch; ``steps``/``detail_scale`` override each header's defaults."""
+        """Decode a batch; ``steps``/``detail_scale`` override each header's defaults.
+
+        Streams whose latent fits one tile are decoded whole, batched by size (the reference path);
+        larger ones go through the tiled sampler and VAE decoder (tiling.py), sharing tile batches.
+        """
         parsed = [self.parse(b) for b in bitstreams]
         out: list[np.ndarray | None] = [None] * len(parsed)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(parsed):
             s = p.header.steps if steps is None else int(steps)
             ds = p.header.detail_scale if detail_scale is None else float(detail_scale)
-            groups[(p.header.z_shape, s, ds)].append(i)
+            tiled = not self._fits_untiled(p.header.z_shape)
+            groups[(tiled, None if tiled else p.header.z_shape, s, ds)].append(i)
+        budget = self.tiling.batch * (self.tiling.latent_tile * 8) ** 2
         with self._backend():
-            for (zshape, s, ds), idx in groups.items():
-                for k in range(0, len(idx), self.max_batch):
-                    chunk = idx[k:k + self.max_batch]
+            for (tiled, zshape, s, ds), idx in groups.items():
+                if tiled:
+                    self._decode_tiled([parsed[i] for i in idx], s, ds, idx, out)
+                    continue
+                n = max(1, min(self.max_batch, budget // (zshape[0] * zshape[1] * 64 * 64)))
+                for k in range(0, len(idx), n):
+                    chunk = idx[k:k + n]
                     self._decode_chunk([parsed[i] for i in chunk], s, ds, chunk, out)
         return out  # type: ignore[return-value]
 
@@ -345,3 +417,79 @@ class RDEICCodec(nn.Module):
         imgs = self.latent_to_images(z)
         for p, pos, im in zip(items, positions, imgs):
             out[pos] = np.ascontiguousarray(im[: p.header.height, : p.header.width])
+
+    # ------------------------------------------------------------------ tiled decode
+    def _decode_tiled(self, items: list[Bitstream], steps: int, detail_scale: float,
+                      positions: list[int], out: list) -> None:
+        """Entropy-decode each stream whole, then the tiled relay sampler and tiled VAE decode."""
+        lat, hints = [], []
+        for p in items:
+            c, g = self.compression.decompress([p.y_payload], [p.z_payload], p.header.z_shape, [p.header.y_hat_crc32])
+            lat.append(c[0].float().cpu())
+            hints.append(g[0].cpu())
+        z = self.reconstruct_latents_tiled(lat, hints, steps, detail_scale, [p.header.seed for p in items])
+        for p, pos, im in zip(items, positions, self.latents_to_images_tiled(z)):
+            out[pos] = np.ascontiguousarray(im[: p.header.height, : p.header.width])
+
+    def reconstruct_latents_tiled(self, c_latents: Sequence[torch.Tensor], guide_hints: Sequence[torch.Tensor],
+                                  steps: int, detail_scale: float, seeds: Sequence[int]) -> list[torch.Tensor]:
+        """The relay sampler over overlapping latent tiles of several canvases ([C, h, w] each, CPU).
+
+        Noise is drawn per canvas exactly as the untiled path draws it (:meth:`noise_for`); at each
+        step the tiles' noise predictions are blended into one epsilon per canvas and the step is
+        taken on the whole canvas.
+        """
+        if steps == 0:
+            return [c.float() for c in c_latents]
+        tc, dt, ne = self.tiling, self.compute_dtype, self.noise_estimator
+        sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in c_latents]
+        tiles = [t for i, (h, w) in enumerate(sizes) for t in grid(h, w, tc.latent_tile, tc.latent_overlap, 8, image=i)]
+        blends = [Blend(h, w, tc.latent_tile, tc.latent_overlap, 8) for h, w in sizes]
+        noises = [self.noise_for(s, tuple(c.shape), steps) for s, c in zip(seeds, c_latents)]
+        xs = [relay_start(c.float(), n[0][0], self.config.schedule) for c, n in zip(c_latents, noises)]
+        sched = relay_schedule(self.config.schedule, steps)
+        ctx = self.context.to(dt).expand(tc.batch, -1, -1)
+
+        def crops(canvases: Sequence[torch.Tensor], chunk: list[Tile]) -> torch.Tensor:
+            return torch.stack([canvases[t.image][:, t.y:t.y + t.h, t.x:t.x + t.w] for t in chunk]).to(self.device)
+
+        for i, k in enumerate(reversed(range(len(sched.timesteps)))):
+            t = sched.timesteps[k]
+
+            def eps_tiles(chunk: list[Tile]) -> torch.Tensor:
+                hint = crops(guide_hints, chunk).to(dt)
+                return guided_eps(lambda x, tt: ne(x.to(dt), tt, ctx, hint).float(),
+                                  lambda x, tt: ne.forward_unconditional(x.to(dt), tt, ctx).float(),
+                                  crops(xs, chunk), t, detail_scale)
+
+            eps = run_tiled(sizes, tiles, blends, eps_tiles, self.config.latent_channels, tc.batch)
+            xs = [relay_step(x, e, k, sched, n[1][i][0]) for x, e, n in zip(xs, eps, noises)]
+        return xs
+
+    @torch.no_grad()
+    def latents_to_images_tiled(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """VAE decode of [C, h, w] latents on overlapping tiles blended in pixel space -> uint8 H x W x 3."""
+        tc = self.tiling
+        sizes = [(int(z.shape[-2]), int(z.shape[-1])) for z in latents]
+        tiles = [t for i, (h, w) in enumerate(sizes) for t in grid(h, w, tc.decode_tile, tc.decode_overlap, 8, image=i)]
+        blends = [Blend(h, w, tc.decode_tile, tc.decode_overlap, 8, scale=8) for h, w in sizes]
+
+        norms = SharedGroupNorms(self.vae.vae.decoder) if tc.share_norm_stats else None
+        if norms is not None:
+            for z in latents:
+                size = proxy_size(z.shape[-2], z.shape[-1], tc.decode_tile, 8)
+                proxy = torch.nn.functional.interpolate(z[None].float(), size=size, mode="area")
+                norms.record(lambda: self.vae.decode(proxy.to(self.device, self.compute_dtype)))
+
+        def fn(chunk: list[Tile]) -> torch.Tensor:
+            z = torch.stack([latents[t.image][:, t.y:t.y + t.h, t.x:t.x + t.w] for t in chunk]).to(self.device)
+            if norms is None:
+                return self.vae.decode(z.to(self.compute_dtype))
+            return norms.apply([t.image for t in chunk], lambda: self.vae.decode(z.to(self.compute_dtype)))
+
+        images = run_tiled(sizes, tiles, blends, fn, 3, tc.batch, scale=8)
+        out = []
+        for x in images:
+            x = ((x + 1.0) / 2.0).clamp_(0.0, 1.0)
+            out.append((x.permute(1, 2, 0) * 255.0).numpy().astype(np.uint8))
+        return out
