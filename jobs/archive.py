@@ -2,6 +2,7 @@
 
     rdeic archive --input 's3://b/shards/{000000..000999}.tar' --output s3://b/archive-v1 \\
                   [--model NAME_OR_DIR] [--executor ray|local] [--num-actors N] [--storage-options JSON]
+                  [--batch-size N] [--tile-batch N]
 
 The job only wires things together: expand the inputs, check the output prefix against the
 codec (``run.json``), skip shards whose done marker exists, hand the rest to an executor, and
@@ -40,7 +41,7 @@ from pipeline.shards import expand_inputs
 from pipeline.types import ShardStats
 from pipeline.writer import DEFAULT_ROW_GROUP_SIZE
 
-from .codec import RDEICEncoderFactory
+from .codec import RDEICEncoderFactory, add_tile_batch_option
 from .config import write_resolved_config
 from .logs import progress_sink
 
@@ -76,6 +77,7 @@ class ArchiveJob:
     max_shard_retries: int = 2
     device: str = "auto"
     compute_dtype: str | None = None
+    tile_batch: int | None = None  # codec.tiling.batch of every worker's codec; None: the codec's default
     ray_address: str | None = None
     progress: bool | None = None  # None: bars only on a terminal
 
@@ -88,6 +90,8 @@ class ArchiveJob:
             raise ArchiveConfigError(f"--num-actors must be >= 1, got {self.num_actors}")
         if self.max_shard_retries < 0:
             raise ArchiveConfigError(f"--max-shard-retries must be >= 0, got {self.max_shard_retries}")
+        if self.tile_batch is not None and self.tile_batch < 1:
+            raise ArchiveConfigError(f"--tile-batch must be >= 1, got {self.tile_batch}")
         if not isinstance(self.storage_options, dict):
             raise ArchiveConfigError(f"storage options must be a JSON object, got {self.storage_options!r}")
 
@@ -156,7 +160,7 @@ def run_archive(job: ArchiveJob, progress: ProgressSink | None = None, executor:
         shards = expand_inputs(job.inputs, storage_options)
     except (ValueError, FileNotFoundError) as exc:
         raise ArchiveConfigError(f"--input: {exc}") from None
-    factory = RDEICEncoderFactory(job.model, job.compute_dtype)
+    factory = RDEICEncoderFactory(job.model, job.compute_dtype, job.tile_batch)
     try:
         identity = factory.identity()
     except (FileNotFoundError, ValueError) as exc:
@@ -276,6 +280,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="VAE/UNet dtype on GPU (CPU is always float32)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    add_tile_batch_option(p)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="larger images are recorded as failed (too_large)")
     p.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES)
@@ -295,7 +300,7 @@ def job_from_args(args: argparse.Namespace) -> ArchiveJob:
         max_pixels=args.max_pixels, max_member_bytes=args.max_member_bytes, row_group_size=args.row_group_size,
         max_shard_retries=args.max_shard_retries, device=args.device,
         compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
-        ray_address=args.ray_address, progress=args.progress,
+        tile_batch=args.tile_batch, ray_address=args.ray_address, progress=args.progress,
     )
 
 

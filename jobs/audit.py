@@ -3,7 +3,7 @@
     rdeic audit --archive s3://b/archive-v1 --source 's3://b/shards/{000000..000999}.tar' \\
                 --output s3://b/audit-v1 [--fraction 0.01] [--seed 0] [--steps S] [--detail-scale X]
                 [--perceptual lpips,dists,fid|none] [--fid-patch 256] [--worst-k 8]
-                [--model NAME_OR_DIR] [--executor ray|local] [--storage-options JSON]
+                [--model NAME_OR_DIR] [--executor ray|local] [--storage-options JSON] [--tile-batch N]
 
 Per archive shard (the same executors and done markers as ``rdeic archive``, so a rerun resumes):
 the sampled keys are decoded and compared with their source images, read back from the source
@@ -103,6 +103,7 @@ class AuditJob:
     max_shard_retries: int = 2
     device: str = "auto"
     compute_dtype: str | None = None
+    tile_batch: int | None = None  # codec.tiling.batch of every worker's codec; None: the codec's default
     ray_address: str | None = None
     progress: bool | None = None
 
@@ -117,6 +118,8 @@ class AuditJob:
             raise AuditConfigError(f"--fid-patch must be >= 16 px, got {self.fid_patch}")
         if self.num_actors is not None and self.num_actors < 1:
             raise AuditConfigError(f"--num-actors must be >= 1, got {self.num_actors}")
+        if self.tile_batch is not None and self.tile_batch < 1:
+            raise AuditConfigError(f"--tile-batch must be >= 1, got {self.tile_batch}")
         if not isinstance(self.storage_options, dict):
             raise AuditConfigError(f"storage options must be a JSON object, got {self.storage_options!r}")
 
@@ -140,7 +143,8 @@ def run_audit(job: AuditJob, progress: ProgressSink | None = None, executor: Any
     started_at, t0, run_id = utc_now(), time.perf_counter(), uuid.uuid4().hex[:8]
     options = storage_options_for([job.archive, *job.sources], job.output, job.storage_options)
     try:
-        archive, run, decoder_factory, fingerprint = open_archive(job.archive, options, job.model, job.compute_dtype)
+        archive, run, decoder_factory, fingerprint = open_archive(job.archive, options, job.model, job.compute_dtype,
+                                                                  job.tile_batch)
         sources = {s.shard_id: s.url for s in expand_inputs(job.sources, options)}
         config = AuditConfig(sources=sources, fraction=job.fraction, seed=job.seed, steps=job.steps,
                              detail_scale=job.detail_scale, batch_size=job.batch_size,

@@ -8,6 +8,8 @@ model itself, once.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import platform
@@ -22,6 +24,9 @@ import numpy as np
 from pipeline.encoder import CodecIdentity
 
 MODEL_CONFIG_FILE = "config.json"
+TILE_BATCH_HELP = ("tiles (or one-tile images) per network pass: bounds codec memory; does not change which pixels "
+                   "are computed, but, like --batch-size, batch composition can move a few pixels by one level "
+                   "(default: the codec's own)")
 VERSIONED_PACKAGES = ("rdeic-archive", "torch", "diffusers", "compressai", "numpy", "pillow", "pyarrow",
                       "fsspec", "s3fs", "ray")
 
@@ -35,6 +40,40 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def add_tile_batch_option(p: argparse.ArgumentParser) -> None:
+    """``--tile-batch N`` (dest ``tile_batch``; None keeps the codec's default): every command that runs the codec."""
+    p.add_argument("--tile-batch", type=positive_int, default=None, metavar="N", help=TILE_BATCH_HELP)
+
+
+def check_tile_batch(tile_batch: int | None) -> int | None:
+    """``tile_batch`` if it is None or an int >= 1; ValueError naming the flag otherwise."""
+    if tile_batch is not None and (isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1):
+        raise ValueError(f"--tile-batch must be an integer >= 1, got {tile_batch!r}")
+    return tile_batch
+
+
+def apply_tile_batch(codec: Any, tile_batch: int | None) -> Any:
+    """Set the codec's memory bound (``codec.tiling.batch``: tiles per network pass); None leaves its default.
+
+    Only the batch changes, never the tile grid, so which pixels are computed stays the same.
+    Returns ``codec``.
+    """
+    if check_tile_batch(tile_batch) is not None:
+        codec.tiling = dataclasses.replace(codec.tiling, batch=tile_batch)
+    return codec
 
 
 def _sha256_file(path: Path) -> str:
@@ -92,10 +131,16 @@ class RDEICEncoderFactory:
         model: a model directory written by ``RDEICCodec.save_pretrained`` or a shipped model name.
         compute_dtype: torch dtype name for the VAE/UNet on GPU (e.g. ``bfloat16``); CPU always
             runs float32. None keeps float32 everywhere.
+        tile_batch: tiles per network pass of every codec this factory loads (``codec.tiling.batch``,
+            the memory bound; ``--tile-batch``). None keeps the codec's default.
     """
 
     model: str
     compute_dtype: str | None = None
+    tile_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        check_tile_batch(self.tile_batch)
 
     def _model_dir(self) -> Path | None:
         path = Path(self.model).expanduser()
@@ -128,7 +173,7 @@ class RDEICEncoderFactory:
     def _load_codec(self) -> Any:
         from rdeic_core import RDEICCodec
 
-        return RDEICCodec.from_pretrained(self._model_dir() or self.model)
+        return apply_tile_batch(RDEICCodec.from_pretrained(self._model_dir() or self.model), self.tile_batch)
 
     def load(self, device: str = "auto") -> RDEICEncoder:
         """Load the model onto ``device`` (``auto``: CUDA if this process sees a GPU, else CPU float32)."""

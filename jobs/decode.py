@@ -1,6 +1,6 @@
 """``rdeic decode``: one RDEIC bitstream file -> one image file (like ``dwebp``).
 
-    rdeic decode photo.rde -o photo.png [--model NAME_OR_DIR] [--steps S] [--detail-scale X]
+    rdeic decode photo.rde -o photo.png [--model NAME_OR_DIR] [--steps S] [--detail-scale X] [--tile-batch N]
 
 The bitstream's header says its size, the model that wrote it (first 4 bytes of its fingerprint)
 and the default steps/detail scale; ``--steps``/``--detail-scale`` override those. A stream from
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if ext not in {e.lower().lstrip(".") for e in Image.registered_extensions()}:
         return _fail(f"cannot tell an image format from the output name {str(out)!r} (use e.g. .png)", EXIT_USAGE)
     try:
-        codec = load_codec(args.model, args.device)
+        codec = load_codec(args.model, args.device, args.tile_batch)
     except ModelLoadError as exc:
         return _fail(str(exc), EXIT_USAGE)
     t0 = time.perf_counter()

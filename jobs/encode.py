@@ -1,6 +1,6 @@
 """``rdeic encode``: one image file -> one RDEIC bitstream file (like ``cwebp``).
 
-    rdeic encode photo.png -o photo.rde [--model NAME_OR_DIR] [--steps S] [--detail-scale X]
+    rdeic encode photo.png -o photo.rde [--model NAME_OR_DIR] [--steps S] [--detail-scale X] [--tile-batch N]
 
 The image is read exactly as ``rdeic archive`` reads a shard member (EXIF orientation applied,
 the codec's colour rule, the same pixel limit), so a file encoded here and the same file archived
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.images import DEFAULT_MAX_PIXELS, SampleFailure, decode_image
+
+from .codec import add_tile_batch_option, apply_tile_batch
 
 MODEL_ENV = "RDEIC_MODEL"
 DEFAULT_MODEL = "mini"
@@ -45,6 +47,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="denoising steps (encode: stored as the decoder default; decode: override)")
     p.add_argument("--detail-scale", type=_non_negative_float, default=None, metavar="X",
                    help="detail scale (encode: stored as the decoder default; decode: override)")
+    add_tile_batch_option(p)
 
 
 def _non_negative_int(text: str) -> int:
@@ -67,8 +70,9 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def load_codec(model: str, device: str = "auto") -> Any:
-    """``RDEICCodec.from_pretrained(model)`` on ``device`` (float32); ModelLoadError says what is wrong."""
+def load_codec(model: str, device: str = "auto", tile_batch: int | None = None) -> Any:
+    """``RDEICCodec.from_pretrained(model)`` on ``device`` (float32), ``tiling.batch`` set to ``tile_batch``
+    (None: the codec's default); ModelLoadError says what is wrong."""
     import torch
 
     from rdeic_core import RDEICCodec
@@ -81,6 +85,10 @@ def load_codec(model: str, device: str = "auto") -> Any:
         codec = RDEICCodec.from_pretrained(model)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"--model {model!r}: {exc}") from None
+    try:
+        apply_tile_batch(codec, tile_batch)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     return codec.to(device)
 
 
@@ -124,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
     try:
-        codec = load_codec(args.model, args.device)
+        codec = load_codec(args.model, args.device, args.tile_batch)
     except ModelLoadError as exc:
         return _fail(str(exc), EXIT_USAGE)
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@
     rdeic evaluate --images data/photos/val768 --model mini
     rdeic evaluate --images DIR --model mini-lo --model mini --model mini-hi --out outputs/evaluate/mini
     rdeic evaluate --images DIR --model lo=runs/mini/mini-lo/stage2/model   # LABEL=DIR
+    rdeic evaluate --images DIR --model mini --tile-batch 1               # least codec memory
     python -m jobs.evaluate ...                 # the same
 
 Each image is encoded once per model and decoded at every S of ``--steps`` (S = 0 decodes the
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rd_eval
+from .codec import add_tile_batch_option, apply_tile_batch
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DEFAULT_MODEL = "mini"
@@ -71,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: outputs/evaluate/<model>)")
     p.add_argument("--max-bpp", type=float, default=1.0, help="right end of the plot's bpp axis")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_tile_batch_option(p)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -105,7 +108,7 @@ def main_from_args(args: argparse.Namespace) -> int:
             label, path = model_label(m)
             if label in models:
                 raise ValueError(f"two --model arguments are labelled {label!r}; use LABEL=DIR to tell them apart")
-            models[label] = RDEICCodec.from_pretrained(path)
+            models[label] = apply_tile_batch(RDEICCodec.from_pretrained(path), args.tile_batch)
     except (ValueError, FileNotFoundError) as exc:
         print(f"rdeic evaluate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

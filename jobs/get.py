@@ -1,7 +1,7 @@
 """``rdeic get``: fetch and decode ONE archived image by key, without scanning the archive.
 
     rdeic get s3://b/archive-v1 000123/sample_0042 -o sample_0042.png [--steps S] [--detail-scale X]
-              [--model NAME_OR_DIR] [--executor local|ray] [--storage-options JSON]
+              [--model NAME_OR_DIR] [--executor local|ray] [--storage-options JSON] [--tile-batch N]
 
 The key names its file (``archive/<shard>.parquet``) and the file's row groups are disjoint,
 sorted key ranges with min/max statistics, so the lookup reads the footer plus one row group
@@ -30,6 +30,7 @@ from pipeline.decoder import RejectedStream
 from pipeline.restore import check_row, decode_streams
 
 from .archive import EXECUTORS, EXIT_CONFIG, EXIT_OK, EXIT_SHARDS_FAILED, _json_object
+from .codec import add_tile_batch_option
 from .restore import RDEICDecoderFactory, add_decode_overrides, open_archive, storage_options_for
 
 EXIT_NOT_DECODED = EXIT_SHARDS_FAILED
@@ -59,6 +60,7 @@ class GetJob:
     storage_options: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     compute_dtype: str | None = None
+    tile_batch: int | None = None  # codec.tiling.batch of the decoding codec; None: the codec's default
     ray_address: str | None = None
 
 
@@ -120,8 +122,10 @@ def run_get(job: GetJob) -> GetResult:
     """Look the key up, decode it, write the image. Raises ValueError (configuration) or GetError."""
     if job.executor not in EXECUTORS:
         raise ValueError(f"unknown executor {job.executor!r}; expected one of {EXECUTORS}")
+    if job.tile_batch is not None and job.tile_batch < 1:
+        raise ValueError(f"--tile-batch must be >= 1, got {job.tile_batch}")
     options = storage_options_for([job.archive], job.output, job.storage_options)
-    archive, _, factory, _ = open_archive(job.archive, options, job.model, job.compute_dtype)
+    archive, _, factory, _ = open_archive(job.archive, options, job.model, job.compute_dtype, job.tile_batch)
     try:
         row, stats = lookup(archive, job.key, DECODE_COLUMNS)
     except KeyNotFoundError as exc:
@@ -154,6 +158,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    add_tile_batch_option(p)
     p.set_defaults(func=main_from_args)
     return p
 
@@ -163,7 +168,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                  detail_scale=args.detail_scale, model=args.model, executor=args.executor,
                  storage_options=args.storage_options, device=args.device,
                  compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
-                 ray_address=args.ray_address)
+                 tile_batch=args.tile_batch, ray_address=args.ray_address)
     try:
         result = run_get(job)
     except GetError as exc:

@@ -2,7 +2,7 @@
 
     rdeic restore --archive s3://b/archive-v1 --output s3://b/restored [--format wds|folder]
                   [--steps S] [--detail-scale X] [--model NAME_OR_DIR] [--executor ray|local]
-                  [--storage-options JSON]
+                  [--storage-options JSON] [--batch-size N] [--tile-batch N]
 
 Same machinery as ``rdeic archive``: one archive shard is the unit of work (``pipeline.restore.
 restore_shard``), run by the same executors (one Ray actor per GPU, model loaded once), with done
@@ -58,7 +58,7 @@ from .archive import (
     effective_storage_options,
     make_executor,
 )
-from .codec import RDEICEncoderFactory, _describe_device
+from .codec import RDEICEncoderFactory, _describe_device, add_tile_batch_option
 
 log = logging.getLogger(__name__)
 RESTORE_FILE = "restore.json"
@@ -110,7 +110,7 @@ class RDEICDecoder:
 
 @dataclass(frozen=True)
 class RDEICDecoderFactory(RDEICEncoderFactory):
-    """Same recipe as the encoder factory (model name/dir + compute dtype); ``load`` gives a decoder."""
+    """Same recipe as the encoder factory (model name/dir + compute dtype + tile batch); ``load`` gives a decoder."""
 
     def load(self, device: str = "auto") -> RDEICDecoder:  # type: ignore[override]
         return RDEICDecoder(*self._load_placed(device))
@@ -143,13 +143,16 @@ def resolve_model(explicit: str | None, run: dict[str, Any]) -> str:
     return str(model)
 
 
-def open_archive(url: str, storage_options: dict[str, Any], model: str | None,
-                 compute_dtype: str | None) -> tuple[ArchiveLocation, dict[str, Any], RDEICDecoderFactory, str]:
-    """(archive, its run.json, a decoder factory of the archive's codec, fingerprint); ValueError if not."""
+def open_archive(url: str, storage_options: dict[str, Any], model: str | None, compute_dtype: str | None,
+                 tile_batch: int | None = None) -> tuple[ArchiveLocation, dict[str, Any], RDEICDecoderFactory, str]:
+    """(archive, its run.json, a decoder factory of the archive's codec, fingerprint); ValueError if not.
+
+    ``tile_batch`` (``--tile-batch``) becomes ``tiling.batch`` of every codec the factory loads.
+    """
     archive = ArchiveLocation(url, storage_options)
     run = archive.read_run()
     expected = (run.get("codec") or {}).get("fingerprint")
-    factory = RDEICDecoderFactory(resolve_model(model, run), compute_dtype)
+    factory = RDEICDecoderFactory(resolve_model(model, run), compute_dtype, tile_batch)
     try:
         identity = factory.identity()
     except (FileNotFoundError, ValueError) as exc:
@@ -182,6 +185,7 @@ class RestoreJob:
     max_shard_retries: int = 2
     device: str = "auto"
     compute_dtype: str | None = None
+    tile_batch: int | None = None  # codec.tiling.batch of every worker's codec; None: the codec's default
     ray_address: str | None = None
     progress: bool | None = None
 
@@ -190,6 +194,8 @@ class RestoreJob:
             raise RestoreConfigError(f"unknown executor {self.executor!r}; expected one of {EXECUTORS}")
         if self.num_actors is not None and self.num_actors < 1:
             raise RestoreConfigError(f"--num-actors must be >= 1, got {self.num_actors}")
+        if self.tile_batch is not None and self.tile_batch < 1:
+            raise RestoreConfigError(f"--tile-batch must be >= 1, got {self.tile_batch}")
         if self.max_shard_retries < 0:
             raise RestoreConfigError(f"--max-shard-retries must be >= 0, got {self.max_shard_retries}")
         if not isinstance(self.storage_options, dict):
@@ -212,7 +218,8 @@ def run_restore(job: RestoreJob, progress: ProgressSink | None = None, executor:
     started_at, t0, run_id = utc_now(), time.perf_counter(), uuid.uuid4().hex[:8]
     options = storage_options_for([job.archive], job.output, job.storage_options)
     try:
-        archive, _, factory, fingerprint = open_archive(job.archive, options, job.model, job.compute_dtype)
+        archive, _, factory, fingerprint = open_archive(job.archive, options, job.model, job.compute_dtype,
+                                                        job.tile_batch)
         config = RestoreConfig(format=job.format, steps=job.steps, detail_scale=job.detail_scale,
                                batch_size=job.batch_size, storage_options=options, expected_fingerprint=fingerprint)
         out = OutputLocation(job.output, options)
@@ -295,6 +302,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="VAE/UNet dtype on GPU (CPU is always float32)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_DECODE_BATCH,
                    help="streams decoded together (only streams of one padded size share a batch)")
+    add_tile_batch_option(p)
     p.add_argument("--max-shard-retries", type=int, default=2)
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="always draw bars")
@@ -308,7 +316,7 @@ def common_job_options(args: argparse.Namespace) -> dict[str, Any]:
         storage_options=args.storage_options, batch_size=args.batch_size,
         max_shard_retries=args.max_shard_retries, device=args.device,
         compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
-        ray_address=args.ray_address, progress=args.progress)
+        tile_batch=args.tile_batch, ray_address=args.ray_address, progress=args.progress)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -28,7 +28,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rdeic_core.images import ImageInputError, to_rgb_uint8
 
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# Only a decompression-bomb guard, not a memory bound (the codec runs large images on tiles):
+# 128 Mi pixels (134 MP) admits 100-megapixel panoramas and stays below Pillow's own refusal (~179 MP).
+DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
 EXIF_ORIENTATION_TAG = 0x0112
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm", "pbm",
                     "pnm", "jp2", "j2k", "jpx", "avif", "tga", "ico")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import DecodedImage, SampleFailure, decode_image, image_extension
+from pipeline.images import DEFAULT_MAX_PIXELS, DecodedImage, SampleFailure, decode_image, image_extension
 from pipeline.types import REASONS
 from tests.pipeline.conftest import encode_image, exif_rotated_jpeg, hostile_samples, png_header_only
 
@@ -16,7 +16,7 @@ def photo(small_photo_paths) -> Image.Image:  # noqa: ANN001
     return Image.open(small_photo_paths[0]).convert("RGB")
 
 
-def _fails(data: bytes, reason: str, max_pixels: int = 64 * 2**20) -> SampleFailure:
+def _fails(data: bytes, reason: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> SampleFailure:
     with pytest.raises(SampleFailure) as info:
         decode_image(data, max_pixels=max_pixels)
     assert info.value.reason == reason, info.value
@@ -72,6 +72,16 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     img = Image.new("RGB", (300, 200))
     assert decode_image(encode_image(img, "PNG"), max_pixels=60_000).pixels.shape == (200, 300, 3)
     _fails(encode_image(img, "PNG"), "too_large", max_pixels=59_999)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # silenced in production (images.py)
+def test_default_pixel_limit_is_a_bomb_guard_that_admits_100_megapixel_panoramas() -> None:
+    assert DEFAULT_MAX_PIXELS == 128 * 1024 * 1024  # 134 MP
+    assert DEFAULT_MAX_PIXELS < 2 * Image.MAX_IMAGE_PIXELS  # below Pillow's own refusal (~179 MP)
+    # a 20000x5000 (100 MP) panorama passes the guard: this header-only PNG then fails as truncated
+    _fails(png_header_only(20_000, 5_000), "truncated_image")
+    err = _fails(png_header_only(12_000, 12_000), "too_large")  # 144 MP: refused from the header
+    assert f"144000000 pixels exceeds the limit of {DEFAULT_MAX_PIXELS}" in err.message
 
 
 def test_exif_orientation_is_applied_and_recorded() -> None:
