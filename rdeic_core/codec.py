@@ -286,7 +286,7 @@ class RDEICCodec(nn.Module):
         if norms is not None:
             for p in padded:
                 x = to_input(p[None])
-                size = proxy_size(x.shape[-2], x.shape[-1], tc.encode_tile, 64)
+                size = proxy_size(x.shape[-2], x.shape[-1], tc.norm_proxy_tiles * tc.encode_tile, 64)
                 proxy = torch.nn.functional.interpolate(x, size=size, mode="area")
                 norms.record(lambda: self.vae.encode_features(proxy))
 
@@ -372,7 +372,7 @@ class RDEICCodec(nn.Module):
         x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
         return (x.permute(0, 2, 3, 1) * 255.0).cpu().numpy().astype(np.uint8)
 
-    def _fits_untiled(self, z_shape: tuple[int, ...]) -> bool:
+    def fits_untiled(self, z_shape: tuple[int, ...]) -> bool:
         """Latent canvas of a stream (z grid x 8) fits one sampler tile and one VAE-decoder tile."""
         h, w = int(z_shape[0]) * 8, int(z_shape[1]) * 8
         return fits_one_tile(h, w, self.tiling.latent_tile) and fits_one_tile(h, w, self.tiling.decode_tile)
@@ -391,7 +391,7 @@ class RDEICCodec(nn.Module):
         for i, p in enumerate(parsed):
             s = p.header.steps if steps is None else int(steps)
             ds = p.header.detail_scale if detail_scale is None else float(detail_scale)
-            tiled = not self._fits_untiled(p.header.z_shape)
+            tiled = not self.fits_untiled(p.header.z_shape)
             groups[(tiled, None if tiled else p.header.z_shape, s, ds)].append(i)
         budget = self.tiling.batch * (self.tiling.latent_tile * 8) ** 2
         with self._backend():
@@ -477,7 +477,7 @@ class RDEICCodec(nn.Module):
         norms = SharedGroupNorms(self.vae.vae.decoder) if tc.share_norm_stats else None
         if norms is not None:
             for z in latents:
-                size = proxy_size(z.shape[-2], z.shape[-1], tc.decode_tile, 8)
+                size = proxy_size(z.shape[-2], z.shape[-1], tc.norm_proxy_tiles * tc.decode_tile, 8)
                 proxy = torch.nn.functional.interpolate(z[None].float(), size=size, mode="area")
                 norms.record(lambda: self.vae.decode(proxy.to(self.device, self.compute_dtype)))
 

@@ -48,6 +48,10 @@ class TileConfig:
     decode_overlap: int = 8
     batch: int = 4
     share_norm_stats: bool = True  # VAE GroupNorms use whole-image statistics (SharedGroupNorms)
+    norm_proxy_tiles: int = 2  # the statistics' proxy fits this many tiles per side (exact up to that size)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> "TileConfig":
         checks = (
@@ -62,6 +66,8 @@ class TileConfig:
                 raise ValueError(f"{name}_overlap must be a multiple of {align} in [0, {name}_tile), got {overlap}")
         if self.batch < 1:
             raise ValueError(f"tile batch must be >= 1, got {self.batch}")
+        if self.norm_proxy_tiles < 1:
+            raise ValueError(f"norm_proxy_tiles must be >= 1, got {self.norm_proxy_tiles}")
         return self
 
     def to_dict(self) -> dict[str, int | bool]:
@@ -215,8 +221,9 @@ class SharedGroupNorms:
     Per-tile statistics are what gives tiled VAEs their tile-to-tile tone changes. Exact whole-image
     statistics would need the whole image's activations (the memory tiling exists to avoid), so,
     as the "fast" mode of the common Tiled-VAE implementation does, they are estimated from a
-    proxy: the whole canvas resampled to fit one tile, passed once in ``record`` mode (one pass per
-    image). Tiles are then passed in ``apply`` mode, each GroupNorm using the recorded mean and
+    proxy: the whole canvas resampled to fit ``norm_proxy_tiles`` x ``norm_proxy_tiles`` tiles
+    (the canvas itself when it fits, so the statistics are exact up to that size), passed once in
+    ``record`` mode (one pass per image). Tiles are then passed in ``apply`` mode, each GroupNorm using the recorded mean and
     variance of the tile's image. Outside these modes the network is untouched.
     """
 
