@@ -91,8 +91,10 @@ class RDEICDecoder:
         s = header.steps if steps is None else int(steps)
         d = header.detail_scale if detail_scale is None else float(detail_scale)
         ph, pw = padded_size(header.height, header.width, self.codec.config.pad_multiple)
+        # streams decoded whole batch by padded size; tiled ones share tile batches whatever their size
+        size_key = tuple(header.z_shape) if self.codec.fits_untiled(header.z_shape) else "tiled"
         return StreamInfo(width=header.width, height=header.height, steps=s, detail_scale=d,
-                          bucket=(tuple(header.z_shape), s, d), pixels=ph * pw)
+                          bucket=(size_key, s, d), pixels=ph * pw)
 
     def decode(self, bitstreams: Sequence[bytes], steps: int | None = None,
                detail_scale: float | None = None) -> list[np.ndarray]:

@@ -28,7 +28,8 @@ from typing import IO, Any
 from . import storage
 from .types import Member, Sample, ShardDamage
 
-DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+# Admits a 100-megapixel 8-bit RGB PNG even stored uncompressed (~300 MB), the size the pixel guard admits.
+DEFAULT_MAX_MEMBER_BYTES = 512 * 1024 * 1024
 _DAMAGE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError, UnicodeError)
 
 

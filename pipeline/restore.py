@@ -44,6 +44,9 @@ from .writer import to_parquet_bytes
 ProgressFn = Callable[[int], None]
 FORMATS = ("wds", "folder")
 DEFAULT_DECODE_BATCH = 8
+# Pixels of pending streams (original size) a shard holds before it decodes the heaviest bucket:
+# a decode batch of large photos holds their canvases and outputs, so it is bounded by pixels too.
+DEFAULT_MAX_PENDING_PIXELS = 64 * 1024 * 1024
 SPOOL_MEMORY_BYTES = 64 * 1024 * 1024
 KEYS_DIR = "keys"
 
@@ -160,8 +163,11 @@ class RestoreConfig:
     expected_fingerprint: str | None = None
     max_failed_keys: int = 1000
     spool_memory_bytes: int = SPOOL_MEMORY_BYTES
+    max_pending_pixels: int = DEFAULT_MAX_PENDING_PIXELS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.max_pending_pixels, int) or self.max_pending_pixels < 1:
+            raise ValueError(f"max_pending_pixels must be a positive integer, got {self.max_pending_pixels!r}")
         if self.format not in FORMATS:
             raise ValueError(f"restore format must be one of {FORMATS}, got {self.format!r}")
         if self.steps is not None and not (isinstance(self.steps, int) and 0 <= self.steps <= 255):
@@ -315,7 +321,7 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
     sink: _WdsSink | _FolderSink = (_WdsSink(out, shard.shard_id, config.spool_memory_bytes)
                                     if config.format == "wds" else _FolderSink(out, shard.shard_id))
     records: list[RestoreRecord] = []
-    buckets: SizeBuckets[tuple[RestoreRecord, bytes, StreamInfo]] = SizeBuckets(config.batch_size)
+    buckets: SizeBuckets[tuple[RestoreRecord, bytes, StreamInfo]] = SizeBuckets(config.batch_size, config.max_pending_pixels)
     timing = Counter[str]()
     done = 0
 
@@ -358,7 +364,7 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
                 record.fail(exc.reason, exc.message)
                 continue
             record.steps, record.detail_scale = info.steps, info.detail_scale
-            for batch in buckets.add(info.bucket, (record, row["bitstream"], info)):
+            for batch in buckets.add(info.bucket, (record, row["bitstream"], info), info.width * info.height):
                 run(batch)
         for batch in buckets.flush():
             run(batch)
