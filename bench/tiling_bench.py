@@ -75,17 +75,21 @@ def one(model: str, name: str, side: int | None, steps: int) -> dict:
     codec = RDEICCodec.from_pretrained(model)
     im = _load(name, side)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     stream = codec.encode([im])[0]
-    enc = time.perf_counter() - t
+    enc, enc_cpu = time.perf_counter() - t, time.process_time() - c
     rss_enc = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = codec.decode([stream], steps=steps)[0]
-    dec = time.perf_counter() - t
+    dec, dec_cpu = time.perf_counter() - t, time.process_time() - c
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     mp = im.shape[0] * im.shape[1] / 1e6
+    # CPU seconds too: the codec runs on one thread, so they are what a free core would take, and far
+    # less sensitive than wall time to other processes sharing this 2-core machine
     return {"name": name, "crop": side, "width": im.shape[1], "height": im.shape[0], "mp": round(mp, 3),
             "steps": steps, "encode_s": round(enc, 2), "decode_s": round(dec, 2),
+            "encode_cpu_s": round(enc_cpu, 2), "decode_cpu_s": round(dec_cpu, 2),
+            "encode_cpu_s_per_mp": round(enc_cpu / mp, 3), "decode_cpu_s_per_mp": round(dec_cpu / mp, 3),
             "encode_s_per_mp": round(enc / mp, 3), "decode_s_per_mp": round(dec / mp, 3),
             "rss_gib_before": round(base, 3), "rss_gib_after_encode": round(rss_enc, 3), "rss_gib_peak": round(rss, 3),
             "bpp": round(8 * len(stream) / (mp * 1e6), 4), "psnr": round(_psnr(im, out), 2)}
@@ -240,32 +244,35 @@ def report() -> Path:
         L += [f"## Cost per megapixel, 0.26–16 MP (`{sc['model']}`, S = {sc['steps']})", "",
               f"`python -m bench.tiling_bench scale --model {sc['model']} --workers {sc['workers']}` "
               f"({data['meta']['scale']['date']}; {sc['workers']} image(s) at a time, each in its own process).", "",
-              "| image | size | MP | encode s | encode s/MP | decode s | decode s/MP | peak RSS GiB | bpp | PSNR |",
+              "Wall seconds were taken while other benchmarks shared the machine; the CPU seconds (one thread per",
+              "codec process) are what a free core takes and are the figures the ratios below use.", "",
+              "| image | size | MP | encode s (wall / CPU) | encode CPU s/MP | decode s (wall / CPU) | decode CPU s/MP | peak RSS GiB | bpp | PSNR |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: (r["crop"] is None, r["mp"])):
             label = f"{r['name']} crop" if r["crop"] else r["name"]
-            L.append(f"| {label} | {r['width']}x{r['height']} | {r['mp']:.2f} | {r['encode_s']:.1f} | {r['encode_s_per_mp']:.2f} "
-                     f"| {r['decode_s']:.1f} | {r['decode_s_per_mp']:.2f} | {r['rss_gib_peak']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} |")
+            L.append(f"| {label} | {r['width']}x{r['height']} | {r['mp']:.2f} | {r['encode_s']:.1f} / {r['encode_cpu_s']:.1f} "
+                     f"| {r['encode_cpu_s_per_mp']:.2f} | {r['decode_s']:.1f} / {r['decode_cpu_s']:.1f} | {r['decode_cpu_s_per_mp']:.2f} "
+                     f"| {r['rss_gib_peak']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} |")
         for r in sc["rows"]:
             if "error" in r:
                 L.append(f"| {r['name']} | failed: {r['error'][-120:]!r} |")
-        one_mp = [r for r in rows if 0.9 <= r["mp"] <= 1.2]
+        one_mp = [r for r in rows if 0.9 <= r["mp"] <= 1.5]
         big = [r for r in rows if r["mp"] >= 12]
         if one_mp and big:
-            e1 = statistics.median(r["encode_s_per_mp"] for r in one_mp)
-            d1 = statistics.median(r["decode_s_per_mp"] for r in one_mp)
+            e1 = statistics.median(r["encode_cpu_s_per_mp"] for r in one_mp)
+            d1 = statistics.median(r["decode_cpu_s_per_mp"] for r in one_mp)
             m1 = statistics.median(r["rss_gib_peak"] for r in one_mp)
-            eb = statistics.median(r["encode_s_per_mp"] for r in big)
-            db = statistics.median(r["decode_s_per_mp"] for r in big)
+            eb = statistics.median(r["encode_cpu_s_per_mp"] for r in big)
+            db = statistics.median(r["decode_cpu_s_per_mp"] for r in big)
             mb = max(r["rss_gib_peak"] for r in big)
-            L += ["", f"Medians: ~1 MP ({len(one_mp)} image(s)) encode {e1:.2f} s/MP, decode {d1:.2f} s/MP, peak {m1:.2f} GiB; "
+            L += ["", f"Medians (CPU seconds): ~1 MP ({len(one_mp)} image(s)) encode {e1:.2f} s/MP, decode {d1:.2f} s/MP, peak {m1:.2f} GiB; "
                   f">= 12 MP ({len(big)} images) encode {eb:.2f} s/MP (x{eb / e1:.2f}), decode {db:.2f} s/MP "
                   f"(x{db / d1:.2f}), largest peak {mb:.2f} GiB (x{mb / m1:.2f} the 1 MP peak). Acceptance: each ratio <= 1.5."]
         allr = [r for r in rows if r["crop"] is None]
         if allr:
             tot_mp = sum(r["mp"] for r in allr)
-            L += ["", f"All {len(allr)} photos of data/photos/full: {tot_mp:.1f} MP, encode {sum(r['encode_s'] for r in allr):.0f} s, "
-                  f"decode {sum(r['decode_s'] for r in allr):.0f} s, largest peak RSS {max(r['rss_gib_peak'] for r in allr):.2f} GiB."]
+            L += ["", f"All {len(allr)} photos of data/photos/full: {tot_mp:.1f} MP, encode {sum(r['encode_cpu_s'] for r in allr):.0f} CPU s, "
+                  f"decode {sum(r['decode_cpu_s'] for r in allr):.0f} CPU s (S = {sc['steps']}), largest peak RSS {max(r['rss_gib_peak'] for r in allr):.2f} GiB."]
         L.append("")
     if "quality" in data:
         q = data["quality"]

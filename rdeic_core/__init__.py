@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["RDEICCodec", "BitstreamError", "ModelMismatchError", "CodecConfig", "get_config"]
+__all__ = ["RDEICCodec", "BitstreamError", "ModelMismatchError", "CodecConfig", "get_config", "TileConfig"]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -18,6 +18,7 @@ _LAZY = {
     "ModelMismatchError": ".bitstream",
     "CodecConfig": ".config",
     "get_config": ".config",
+    "TileConfig": ".tiling",
 }
 
 
