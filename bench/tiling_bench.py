@@ -35,6 +35,7 @@ PICTURE = REPO / "docs" / "tiling-corner.png"
 CROP_SOURCE = "seeding_by_Clements_Engelhardt.jpg"  # 5312 x 2988, the largest photo
 CROP_SIDES = [512, 704, 1024, 1472, 2048]  # 0.26, 0.50, 1.05, 2.17, 4.19 MP
 QUALITY_PHOTOS = ["Garden.jpg", "Dragonfly_by_Bolly.jpg", "Bridge_by_Sander_Klootwijk.jpg"]
+PICTURE_PHOTO = "Dragonfly_by_Bolly.jpg"  # textured where its 1536² crop has a tile corner
 QUALITY_SIDES = [1024, 1536]  # 1.05 and 2.36 MP
 # Tiles larger than any image here: every pass runs whole (the pre-tiling path).
 UNTILED = dict(encode_tile=1 << 16, latent_tile=1 << 13, decode_tile=1 << 13)
@@ -133,6 +134,25 @@ def _edge_mask(h: int, w: int, tiling) -> np.ndarray:
     return mask
 
 
+def picture(model: str) -> Path:
+    """Only the corner picture (S = 2, the 1536² crop of PICTURE_PHOTO)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from rdeic_core import RDEICCodec
+
+    codec = RDEICCodec.from_pretrained(model)
+    tiled = codec.tiling
+    im = _load(PICTURE_PHOTO, 1536)
+    codec.tiling = replace(tiled, **UNTILED)
+    ref = codec.decode([codec.encode([im])[0]], steps=2)[0]
+    codec.tiling = tiled
+    out = codec.decode([codec.encode([im])[0]], steps=2)[0]
+    Image.fromarray(_corner_picture(im, ref, out, tiled)).save(PICTURE, optimize=True)
+    return PICTURE
+
+
 def quality(model: str) -> list[dict]:
     from dataclasses import replace
 
@@ -142,7 +162,7 @@ def quality(model: str) -> list[dict]:
     tiled_cfg = codec.tiling
     untiled_cfg = replace(tiled_cfg, **UNTILED)
     rows = []
-    picture = None
+    corner = None
     for name in QUALITY_PHOTOS:
         for side in QUALITY_SIDES:
             im = _load(name, side)
@@ -176,12 +196,12 @@ def quality(model: str) -> list[dict]:
                        "decode_s_untiled": round(t_un, 1), "decode_s_tiled": round(t_ti, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                if picture is None and steps == 2 and side == 1536:
-                    picture = _corner_picture(im, ref, out, tiled_cfg)
-    if picture is not None:
+                if name == PICTURE_PHOTO and steps == 2 and side == 1536:
+                    corner = _corner_picture(im, ref, out, tiled_cfg)
+    if corner is not None:
         from PIL import Image
 
-        Image.fromarray(picture).save(PICTURE, optimize=True)
+        Image.fromarray(corner).save(PICTURE, optimize=True)
     _merge("quality", {"model": model, "tiling": tiled_cfg.to_dict(), "rows": rows})
     return rows
 
@@ -198,7 +218,13 @@ def _corner_picture(im: np.ndarray, ref: np.ndarray, out: np.ndarray, tiling) ->
     sl = (slice(cy - 128, cy + 128), slice(cx - 128, cx + 128))
     diff = np.clip(np.abs(out.astype(np.int16) - ref.astype(np.int16)) * 8, 0, 255).astype(np.uint8)
     gap = np.full((256, 4, 3), 255, dtype=np.uint8)
-    return np.concatenate([im[sl], gap, ref[sl], gap, out[sl], gap, diff[sl]], axis=1)
+    panels = []
+    for p in (im[sl], ref[sl], out[sl], diff[sl]):
+        p = p.copy()
+        # red ticks on the panel border mark the tile corner at the panel's centre
+        p[:6, 127:129] = p[-6:, 127:129] = p[127:129, :6] = p[127:129, -6:] = (255, 0, 0)
+        panels += [p, gap]
+    return np.concatenate(panels[:-1], axis=1)
 
 
 # ---------------------------------------------------------------------------- sd21
@@ -307,7 +333,7 @@ def report() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["scale", "quality", "sd21", "report", "one"])
+    ap.add_argument("mode", choices=["scale", "quality", "picture", "sd21", "report", "one"])
     ap.add_argument("--model", default="mini")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
@@ -322,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         scale(a.model, a.workers, a.steps)
     elif a.mode == "quality":
         quality(a.model)
+    elif a.mode == "picture":
+        print(picture(a.model))
     elif a.mode == "sd21":
         h, w = (int(v) for v in a.size.lower().split("x"))
         sd21(a.steps, h, w, a.threads)
