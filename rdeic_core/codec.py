@@ -42,7 +42,7 @@ from .noise_estimator import NoiseEstimator
 from .numerics import install_singleton_safe_group_norms, reproducible
 from .sampler import guided_eps, relay_start, relay_step, sample
 from .schedule import relay_schedule
-from .tiling import Blend, SharedGroupNorms, Tile, TileConfig, fits_one_tile, grid, proxy_size, run_tiled
+from .tiling import Tile, TileConfig, crop, fits_one_tile, layout, normalised_by_image, proxy_size, run_tiled
 from .vae import SDVAE
 
 FORMAT_NAME = "rdeic-codec"
@@ -250,13 +250,10 @@ class RDEICCodec(nn.Module):
         m = self.config.pad_multiple
         tile = self.tiling.encode_tile
         small = [i for i, a in enumerate(arrays) if fits_one_tile(*padded_size(*a.shape[:2], m), tile)]
-        large = [i for i in range(len(arrays)) if i not in set(small)]
+        large = sorted(set(range(len(arrays))) - set(small))
         for idx in self._batches_by_size([arrays[i].shape[:2] for i in small]):
             idx = [small[j] for j in idx]
-            batch = pad_batch([arrays[i] for i in idx], m)
-            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
-            x = (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
-            feat = self.vae.encode_features(x).float()
+            feat = self.vae.encode_features(self._to_input(pad_batch([arrays[i] for i in idx], m))).float()
             for i, comp in zip(idx, self.compression.compress(feat)):
                 emit(i, comp)
         if large:
@@ -274,29 +271,29 @@ class RDEICCodec(nn.Module):
         tc = self.tiling
         padded = [pad_batch([a], self.config.pad_multiple)[0] for a in arrays]
         sizes = [(p.shape[0] // 8, p.shape[1] // 8) for p in padded]
-        tile, overlap = tc.encode_tile // 8, tc.encode_overlap // 8
-        tiles = [t for i, (h, w) in enumerate(sizes) for t in grid(h, w, tile, overlap, 8, image=i)]
-        blends = [Blend(h, w, tile, overlap, 8) for h, w in sizes]
-
-        def to_input(px: np.ndarray) -> torch.Tensor:
-            x = torch.from_numpy(px).to(self.device).permute(0, 3, 1, 2)
-            return (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
-
-        norms = SharedGroupNorms(self.vae.vae.encoder) if tc.share_norm_stats else None
-        if norms is not None:
-            for p in padded:
-                x = to_input(p[None])
-                size = proxy_size(x.shape[-2], x.shape[-1], tc.norm_proxy_tiles * tc.encode_tile, 64)
-                proxy = torch.nn.functional.interpolate(x, size=size, mode="area")
-                norms.record(lambda: self.vae.encode_features(proxy))
+        tiles, blends = layout(sizes, tc.encode_tile // 8, tc.encode_overlap // 8)
+        forward = self.vae.encode_features
+        run = lambda images, x: forward(x)  # noqa: E731
+        if tc.share_norm_stats:
+            limit = tc.norm_proxy_tiles * tc.encode_tile
+            proxies = (torch.nn.functional.interpolate(x, size=proxy_size(*x.shape[-2:], limit, 64), mode="area")
+                       for x in (self._to_input(p[None]) for p in padded))
+            run = normalised_by_image(self.vae.vae.encoder, forward, proxies)
 
         def fn(chunk: list[Tile]) -> torch.Tensor:
-            x = to_input(np.stack([padded[t.image][t.y * 8:(t.y + t.h) * 8, t.x * 8:(t.x + t.w) * 8] for t in chunk]))
-            if norms is None:
-                return self.vae.encode_features(x)
-            return norms.apply([t.image for t in chunk], lambda: self.vae.encode_features(x))
+            px = np.stack([padded[t.image][t.y * 8:(t.y + t.h) * 8, t.x * 8:(t.x + t.w) * 8] for t in chunk])  # H x W x 3
+            return run([t.image for t in chunk], self._to_input(px))
 
         return run_tiled(sizes, tiles, blends, fn, self.config.compression.in_nc, tc.batch)
+
+    def _to_input(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 B x H x W x 3 -> the VAE's input: B x 3 x H x W in [-1, 1], compute dtype, on device."""
+        x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2)
+        return (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
+
+    def _images_per_pass(self, pixels: int, tile_pixels: int) -> int:
+        """One-tile images per network pass: at most max_batch, and no more pixels than ``tiling.batch`` tiles."""
+        return max(1, min(self.max_batch, self.tiling.batch * tile_pixels // pixels))
 
     def _batches_by_size(self, sizes: Iterable[tuple[int, int]]) -> list[list[int]]:
         """Indices grouped by padded size (one tensor per group), chunked to max_batch.
@@ -307,10 +304,9 @@ class RDEICCodec(nn.Module):
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, (h, w) in enumerate(sizes):
             groups[padded_size(h, w, self.config.pad_multiple)].append(i)
-        budget = self.tiling.batch * self.tiling.encode_tile ** 2
         out = []
         for (hp, wp), idx in groups.items():
-            n = max(1, min(self.max_batch, budget // (hp * wp)))
+            n = self._images_per_pass(hp * wp, self.tiling.encode_tile ** 2)
             for k in range(0, len(idx), n):
                 out.append(idx[k:k + n])
         return out
@@ -393,13 +389,12 @@ class RDEICCodec(nn.Module):
             ds = p.header.detail_scale if detail_scale is None else float(detail_scale)
             tiled = not self.fits_untiled(p.header.z_shape)
             groups[(tiled, None if tiled else p.header.z_shape, s, ds)].append(i)
-        budget = self.tiling.batch * (self.tiling.latent_tile * 8) ** 2
         with self._backend():
             for (tiled, zshape, s, ds), idx in groups.items():
                 if tiled:
                     self._decode_tiled([parsed[i] for i in idx], s, ds, idx, out)
                     continue
-                n = max(1, min(self.max_batch, budget // (zshape[0] * zshape[1] * 64 * 64)))
+                n = self._images_per_pass(zshape[0] * zshape[1] * 64 * 64, (self.tiling.latent_tile * 8) ** 2)
                 for k in range(0, len(idx), n):
                     chunk = idx[k:k + n]
                     self._decode_chunk([parsed[i] for i in chunk], s, ds, chunk, out)
@@ -443,15 +438,14 @@ class RDEICCodec(nn.Module):
             return [c.float() for c in c_latents]
         tc, dt, ne = self.tiling, self.compute_dtype, self.noise_estimator
         sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in c_latents]
-        tiles = [t for i, (h, w) in enumerate(sizes) for t in grid(h, w, tc.latent_tile, tc.latent_overlap, 8, image=i)]
-        blends = [Blend(h, w, tc.latent_tile, tc.latent_overlap, 8) for h, w in sizes]
+        tiles, blends = layout(sizes, tc.latent_tile, tc.latent_overlap)
         noises = [self.noise_for(s, tuple(c.shape), steps) for s, c in zip(seeds, c_latents)]
         xs = [relay_start(c.float(), n[0][0], self.config.schedule) for c, n in zip(c_latents, noises)]
         sched = relay_schedule(self.config.schedule, steps)
         ctx = self.context.to(dt).expand(tc.batch, -1, -1)
 
         def crops(canvases: Sequence[torch.Tensor], chunk: list[Tile]) -> torch.Tensor:
-            return torch.stack([canvases[t.image][:, t.y:t.y + t.h, t.x:t.x + t.w] for t in chunk]).to(self.device)
+            return torch.stack([crop(canvases[t.image], t) for t in chunk]).to(self.device)
 
         for i, k in enumerate(reversed(range(len(sched.timesteps)))):
             t = sched.timesteps[k]
@@ -471,21 +465,17 @@ class RDEICCodec(nn.Module):
         """VAE decode of [C, h, w] latents on overlapping tiles blended in pixel space -> uint8 H x W x 3."""
         tc = self.tiling
         sizes = [(int(z.shape[-2]), int(z.shape[-1])) for z in latents]
-        tiles = [t for i, (h, w) in enumerate(sizes) for t in grid(h, w, tc.decode_tile, tc.decode_overlap, 8, image=i)]
-        blends = [Blend(h, w, tc.decode_tile, tc.decode_overlap, 8, scale=8) for h, w in sizes]
-
-        norms = SharedGroupNorms(self.vae.vae.decoder) if tc.share_norm_stats else None
-        if norms is not None:
-            for z in latents:
-                size = proxy_size(z.shape[-2], z.shape[-1], tc.norm_proxy_tiles * tc.decode_tile, 8)
-                proxy = torch.nn.functional.interpolate(z[None].float(), size=size, mode="area")
-                norms.record(lambda: self.vae.decode(proxy.to(self.device, self.compute_dtype)))
+        tiles, blends = layout(sizes, tc.decode_tile, tc.decode_overlap, scale=8)
+        forward = lambda z: self.vae.decode(z.to(self.device, self.compute_dtype))  # noqa: E731
+        run = lambda images, z: forward(z)  # noqa: E731
+        if tc.share_norm_stats:
+            limit = tc.norm_proxy_tiles * tc.decode_tile
+            proxies = (torch.nn.functional.interpolate(z[None].float(), size=proxy_size(*z.shape[-2:], limit, 8),
+                                                       mode="area") for z in latents)
+            run = normalised_by_image(self.vae.vae.decoder, forward, proxies)
 
         def fn(chunk: list[Tile]) -> torch.Tensor:
-            z = torch.stack([latents[t.image][:, t.y:t.y + t.h, t.x:t.x + t.w] for t in chunk]).to(self.device)
-            if norms is None:
-                return self.vae.decode(z.to(self.compute_dtype))
-            return norms.apply([t.image for t in chunk], lambda: self.vae.decode(z.to(self.compute_dtype)))
+            return run([t.image for t in chunk], torch.stack([crop(latents[t.image], t) for t in chunk]))
 
         images = run_tiled(sizes, tiles, blends, fn, 3, tc.batch, scale=8)
         out = []

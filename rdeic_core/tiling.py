@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -153,18 +153,24 @@ class Blend:
     """
 
     def __init__(self, height: int, width: int, tile: int, overlap: int, align: int, scale: int = 1) -> None:
-        self.ys = tile_starts(height, tile, overlap, align)
-        self.xs = tile_starts(width, tile, overlap, align)
+        ys = tile_starts(height, tile, overlap, align)
+        xs = tile_starts(width, tile, overlap, align)
         th, tw = min(tile, height), min(tile, width)
-        self.scale = scale
-        wy = _ramp_1d([s * scale for s in self.ys], th * scale, height * scale)
-        wx = _ramp_1d([s * scale for s in self.xs], tw * scale, width * scale)
-        self._wy = {s: torch.from_numpy(w.astype(np.float32)) for s, w in zip(self.ys, wy)}
-        self._wx = {s: torch.from_numpy(w.astype(np.float32)) for s, w in zip(self.xs, wx)}
+        wy = _ramp_1d([s * scale for s in ys], th * scale, height * scale)
+        wx = _ramp_1d([s * scale for s in xs], tw * scale, width * scale)
+        self._wy = {s: torch.from_numpy(w.astype(np.float32)) for s, w in zip(ys, wy)}
+        self._wx = {s: torch.from_numpy(w.astype(np.float32)) for s, w in zip(xs, wx)}
 
     def weight(self, tile: Tile) -> torch.Tensor:
         """[h*scale, w*scale] float32 weight of ``tile`` (output units)."""
         return self._wy[tile.y][:, None] * self._wx[tile.x][None, :]
+
+
+def layout(sizes: Sequence[tuple[int, int]], tile: int, overlap: int, scale: int = 1,
+           align: int = 8) -> tuple[list[Tile], list[Blend]]:
+    """The tiles of several canvases (``image`` = index in ``sizes``) and each canvas's blend weights."""
+    tiles = [t for i, (h, w) in enumerate(sizes) for t in grid(h, w, tile, overlap, align, image=i)]
+    return tiles, [Blend(h, w, tile, overlap, align, scale=scale) for h, w in sizes]
 
 
 # ---------------------------------------------------------------------------- batching
@@ -280,6 +286,20 @@ class SharedGroupNorms:
         finally:
             self._remove()
             self._mode = None
+
+
+def normalised_by_image(module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                        proxies: Iterable[torch.Tensor]) -> Callable[[Sequence[int], torch.Tensor], torch.Tensor]:
+    """``forward`` whose GroupNorms in ``module`` use each image's statistics, recorded on its proxy.
+
+    ``proxies`` (one per image, in image order; a generator keeps one in memory at a time) are
+    passed once each in record mode; the returned ``run(images, x)`` passes a batch of tiles of
+    ``images`` in apply mode.
+    """
+    norms = SharedGroupNorms(module)
+    for proxy in proxies:
+        norms.record(lambda: forward(proxy))
+    return lambda images, x: norms.apply(images, lambda: forward(x))
 
 
 def proxy_size(height: int, width: int, limit: int, multiple: int) -> tuple[int, int]:
