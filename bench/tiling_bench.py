@@ -70,20 +70,32 @@ def _merge(key: str, value: object) -> None:
 
 
 # ---------------------------------------------------------------------------- one image (child process)
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _round_trip(codec, im: np.ndarray, steps: int) -> tuple[bytes, np.ndarray, dict]:
+    """Encode then decode one image: wall and CPU seconds of each, peak RSS before, after encode, at the end."""
+    base = _peak_rss_gib()
+    t, c = time.perf_counter(), time.process_time()
+    stream = codec.encode([im])[0]
+    enc, enc_cpu = time.perf_counter() - t, time.process_time() - c
+    rss_enc = _peak_rss_gib()
+    t, c = time.perf_counter(), time.process_time()
+    out = codec.decode([stream], steps=steps)[0]
+    dec, dec_cpu = time.perf_counter() - t, time.process_time() - c
+    return stream, out, {"enc": enc, "enc_cpu": enc_cpu, "dec": dec, "dec_cpu": dec_cpu,
+                         "base": base, "rss_enc": rss_enc, "rss": _peak_rss_gib()}
+
+
 def one(model: str, name: str, side: int | None, steps: int) -> dict:
     from rdeic_core import RDEICCodec
 
     codec = RDEICCodec.from_pretrained(model)
     im = _load(name, side)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t, c = time.perf_counter(), time.process_time()
-    stream = codec.encode([im])[0]
-    enc, enc_cpu = time.perf_counter() - t, time.process_time() - c
-    rss_enc = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t, c = time.perf_counter(), time.process_time()
-    out = codec.decode([stream], steps=steps)[0]
-    dec, dec_cpu = time.perf_counter() - t, time.process_time() - c
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    stream, out, m = _round_trip(codec, im, steps)
+    enc, enc_cpu, dec, dec_cpu, base, rss_enc, rss = (m[k] for k in ("enc", "enc_cpu", "dec", "dec_cpu",
+                                                                       "base", "rss_enc", "rss"))
     mp = im.shape[0] * im.shape[1] / 1e6
     # CPU seconds too: the codec runs on one thread, so they are what a free core would take, and far
     # less sensitive than wall time to other processes sharing this 2-core machine
@@ -239,18 +251,11 @@ def sd21(steps: int, height: int, width: int, threads: int) -> dict:
     rng = np.random.default_rng(0)
     src = _load("Dragonfly_by_Bolly.jpg")
     im = np.ascontiguousarray(src[:height, :width]) if src.shape[0] >= height else rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t = time.perf_counter()
-    stream = codec.encode([im])[0]
-    enc = time.perf_counter() - t
-    rss_enc = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t = time.perf_counter()
-    out = codec.decode([stream], steps=steps)[0]
-    dec = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    stream, out, m = _round_trip(codec, im, steps)
     row = {"config": "sd21 (random weights)", "width": width, "height": height, "steps": steps,
-           "threads": torch.get_num_threads(), "encode_s": round(enc, 1), "decode_s": round(dec, 1),
-           "rss_gib_before": round(base, 2), "rss_gib_after_encode": round(rss_enc, 2), "rss_gib_peak": round(rss, 2),
+           "threads": torch.get_num_threads(), "encode_s": round(m["enc"], 1), "decode_s": round(m["dec"], 1),
+           "rss_gib_before": round(m["base"], 2), "rss_gib_after_encode": round(m["rss_enc"], 2),
+           "rss_gib_peak": round(m["rss"], 2),
            "bytes": len(stream), "out_shape": list(out.shape), "tiling": codec.tiling.to_dict()}
     print(json.dumps(row), flush=True)
     _merge("sd21", row)
