@@ -42,7 +42,7 @@ from .noise_estimator import NoiseEstimator
 from .numerics import install_singleton_safe_group_norms, reproducible
 from .sampler import guided_eps, relay_start, relay_step, sample
 from .schedule import relay_schedule
-from .tiling import Tile, TileConfig, crop, fits_one_tile, layout, normalised_by_image, proxy_size, run_tiled
+from .tiling import Tile, TileConfig, crop, layout, normalised_by_image, proxy_size, run_tiled
 from .vae import SDVAE
 
 FORMAT_NAME = "rdeic-codec"
@@ -247,9 +247,8 @@ class RDEICCodec(nn.Module):
                             z_shape=tuple(comp.z_indices.shape), y_hat_crc32=comp.y_hat_crc32)
             out[i] = Bitstream(header=header, z_payload=comp.z_bytes, y_payload=comp.y_string).to_bytes()
 
-        m = self.config.pad_multiple
-        tile = self.tiling.encode_tile
-        small = [i for i, a in enumerate(arrays) if fits_one_tile(*padded_size(*a.shape[:2], m), tile)]
+        m, tc = self.config.pad_multiple, self.tiling
+        small = [i for i, a in enumerate(arrays) if tc.runs_whole(*padded_size(*a.shape[:2], m), [tc.encode_tile])]
         large = sorted(set(range(len(arrays))) - set(small))
         for idx in self._batches_by_size([arrays[i].shape[:2] for i in small]):
             idx = [small[j] for j in idx]
@@ -369,9 +368,10 @@ class RDEICCodec(nn.Module):
         return (x.permute(0, 2, 3, 1) * 255.0).cpu().numpy().astype(np.uint8)
 
     def fits_untiled(self, z_shape: tuple[int, ...]) -> bool:
-        """Latent canvas of a stream (z grid x 8) fits one sampler tile and one VAE-decoder tile."""
+        """A stream's latent canvas (z grid x 8) is decoded whole: it fits one sampler and one VAE-decoder
+        tile, or it is within ``tiling.whole_max_pixels`` (counted in pixels, latent x 8)."""
         h, w = int(z_shape[0]) * 8, int(z_shape[1]) * 8
-        return fits_one_tile(h, w, self.tiling.latent_tile) and fits_one_tile(h, w, self.tiling.decode_tile)
+        return self.tiling.runs_whole(h * 8, w * 8, [self.tiling.latent_tile * 8, self.tiling.decode_tile * 8])
 
     @torch.no_grad()
     def decode(self, bitstreams: Sequence[bytes], steps: int | None = None,

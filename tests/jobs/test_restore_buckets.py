@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from rdeic_core import RDEICCodec
 
 def test_tiled_streams_of_any_size_share_one_bucket():
     codec = RDEICCodec.from_config("tiny", seed=0)
+    codec.tiling = replace(codec.tiling, whole_max_pixels=0)  # tile everything beyond one tile, however small
     rng = np.random.default_rng(0)
     sizes = [(64, 64), (100, 120), (600, 64), (576, 704)]  # two one-tile, two tiled (latent > 64)
     streams = codec.encode([rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes])

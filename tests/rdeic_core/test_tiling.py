@@ -19,9 +19,9 @@ from rdeic_core import RDEICCodec
 from rdeic_core.images import padded_size
 from rdeic_core.tiling import Blend, SharedGroupNorms, Tile, TileConfig, batches, grid, proxy_size, tile_starts
 
-# Small tiles so that a few-hundred-pixel image is already tiled in every pass.
+# Small tiles, and no whole-size allowance, so that a few-hundred-pixel image is already tiled in every pass.
 SMALL = TileConfig(encode_tile=128, encode_overlap=64, latent_tile=16, latent_overlap=8,
-                   decode_tile=16, decode_overlap=8, batch=3)
+                   decode_tile=16, decode_overlap=8, batch=3, whole_max_pixels=0)
 # Tiles larger than any test image: every image takes the untiled path.
 HUGE = TileConfig(encode_tile=1 << 16, latent_tile=1 << 13, decode_tile=1 << 13)
 
@@ -136,6 +136,43 @@ def test_one_tile_images_are_bit_identical_to_the_untiled_path(codec, small_phot
         assert np.array_equal(a, b)
 
 
+def test_images_within_whole_max_pixels_take_the_untiled_path(codec, small_photo_paths):
+    """Larger than a tile but within ``whole_max_pixels``: every pass whole, bit-identical to untiled;
+    one pixel row more than the allowance and the same image is tiled."""
+    img = _photo_crop(small_photo_paths, 200, 330)  # padded 256 x 384 = 98304 px: 2 x 3 encoder tiles of SMALL
+    calls: list[tuple[int, ...]] = []
+    orig = codec.noise_estimator.forward
+    codec.noise_estimator.forward = lambda x, *a, **k: (calls.append(tuple(x.shape)), orig(x, *a, **k))[1]
+    try:
+        codec.tiling = HUGE
+        ref_stream = codec.encode([img])[0]
+        ref = codec.decode([ref_stream])[0]
+        calls.clear()
+        codec.tiling = replace(SMALL, whole_max_pixels=256 * 384)
+        assert codec.fits_untiled(codec.parse(ref_stream).header.z_shape)
+        stream = codec.encode([img])[0]
+        out = codec.decode([stream])[0]
+        assert {c[-2:] for c in calls} == {(32, 48)}  # the whole latent canvas, never a 16 x 16 tile
+        codec.tiling = replace(SMALL, whole_max_pixels=256 * 384 - 1)
+        assert not codec.fits_untiled(codec.parse(ref_stream).header.z_shape)
+        calls.clear()
+        tiled = codec.decode([codec.encode([img])[0]])[0]
+        assert {c[-2:] for c in calls} == {(16, 16)}
+    finally:
+        codec.noise_estimator.forward = orig
+        codec.tiling = TileConfig()
+    assert stream == ref_stream and np.array_equal(out, ref)
+    assert tiled.shape == img.shape and not np.array_equal(tiled, ref)
+
+
+def test_whole_max_pixels_is_validated():
+    with pytest.raises(ValueError, match="whole_max_pixels"):
+        TileConfig(whole_max_pixels=-1)
+    assert TileConfig().runs_whole(1024, 1536, [512])  # the default admits 1.5 Mi px whole
+    assert not TileConfig().runs_whole(1088, 1536, [512])
+    assert TileConfig(whole_max_pixels=0).runs_whole(512, 512, [512, 512])  # one tile is always whole
+
+
 def test_large_images_round_trip_tiled(codec, small_photo_paths):
     imgs = [_photo_crop(small_photo_paths, 200, 330), _photo_crop(small_photo_paths, 64, 700, 1)]
     codec.tiling = SMALL
@@ -248,7 +285,7 @@ def test_tiled_mini_is_close_to_untiled(val_photo_paths):
     ref_stream = mini.encode([img])[0]
     ref = mini.decode([ref_stream])[0].astype(np.float64)
     mini.tiling = TileConfig(encode_tile=256, encode_overlap=64, latent_tile=32, latent_overlap=16,
-                             decode_tile=32, decode_overlap=8)
+                             decode_tile=32, decode_overlap=8, whole_max_pixels=0)
     out = mini.decode([mini.encode([img])[0]])[0].astype(np.float64)
     psnr_vs_untiled = 10 * np.log10(255.0 ** 2 / np.mean((out - ref) ** 2))
     psnr_ref = 10 * np.log10(255.0 ** 2 / np.mean((ref - img) ** 2))
