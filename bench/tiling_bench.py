@@ -36,7 +36,7 @@ CROP_SOURCE = "seeding_by_Clements_Engelhardt.jpg"  # 5312 x 2988, the largest p
 CROP_SIDES = [512, 704, 1024, 1472, 2048]  # 0.26, 0.50, 1.05, 2.17, 4.19 MP
 QUALITY_PHOTOS = ["Garden.jpg", "Dragonfly_by_Bolly.jpg", "Bridge_by_Sander_Klootwijk.jpg"]
 PICTURE_PHOTO = "Dragonfly_by_Bolly.jpg"  # textured where its 1536² crop has a tile corner
-QUALITY_SIDES = [1024, 1536]  # 1.05 and 2.36 MP
+QUALITY_SIDES = [1024, 1280, 1536]  # 1.05 (whole: within whole_max_pixels), 1.64 and 2.36 MP (tiled)
 # Tiles larger than any image here: every pass runs whole (the pre-tiling path).
 UNTILED = dict(encode_tile=1 << 16, latent_tile=1 << 13, decode_tile=1 << 13)
 
@@ -105,11 +105,33 @@ def one(model: str, name: str, side: int | None, steps: int) -> dict:
             "encode_cpu_s_per_mp": round(enc_cpu / mp, 3), "decode_cpu_s_per_mp": round(dec_cpu / mp, 3),
             "encode_s_per_mp": round(enc / mp, 3), "decode_s_per_mp": round(dec / mp, 3),
             "rss_gib_before": round(base, 3), "rss_gib_after_encode": round(rss_enc, 3), "rss_gib_peak": round(rss, 3),
-            "bpp": round(8 * len(stream) / (mp * 1e6), 4), "psnr": round(_psnr(im, out), 2)}
+            "bpp": round(8 * len(stream) / (mp * 1e6), 4), "psnr": round(_psnr(im, out), 2),
+            "path": _path(codec, stream), "date": _now()}
 
 
-def scale(model: str, workers: int, steps: int) -> list[dict]:
+def _path(codec, stream: bytes) -> str:
+    """'whole' or 'tiled': which decode path the codec's default tiling takes for this stream."""
+    return "whole" if codec.fits_untiled(codec.parse(stream).header.z_shape) else "tiled"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _megapixels(name: str, side: int | None) -> float:
+    from PIL import Image
+
+    if side:
+        return side * side / 1e6
+    with Image.open(PHOTOS / name) as im:  # header only
+        return im.width * im.height / 1e6
+
+
+def scale(model: str, workers: int, steps: int, upto_mp: float | None = None) -> list[dict]:
+    """Every case, or (``upto_mp``) only those of at most that many MP, merged into the stored rows."""
     cases = [(CROP_SOURCE, s) for s in CROP_SIDES] + [(p.name, None) for p in sorted(PHOTOS.glob("*.jpg"))]
+    if upto_mp is not None:
+        cases = [c for c in cases if _megapixels(*c) <= upto_mp]
 
     def run(case: tuple[str, int | None]) -> dict:
         name, side = case
@@ -124,6 +146,13 @@ def scale(model: str, workers: int, steps: int) -> list[dict]:
 
     with ThreadPoolExecutor(workers) as pool:
         rows = list(pool.map(run, cases))
+    if upto_mp is not None and RESULTS.exists():
+        stored = json.loads(RESULTS.read_text())
+        old = stored.get("scale", {}).get("rows", [])
+        for r in old:  # rows kept from an earlier run keep that run's date
+            r.setdefault("date", stored.get("meta", {}).get("scale", {}).get("date"))
+        fresh = {(r["name"], r["crop"]) for r in rows}
+        rows = [r for r in old if (r["name"], r["crop"]) not in fresh] + rows
     _merge("scale", {"model": model, "steps": steps, "workers": workers, "rows": rows})
     return rows
 
@@ -205,7 +234,8 @@ def quality(model: str) -> list[dict]:
                        "psnr_tiled_vs_untiled": round(_psnr(ref, out), 2),
                        "diff_at_edges": round(float(d[mask].mean()), 3), "diff_elsewhere": round(float(d[~mask].mean()), 3),
                        "step_ratio_tiled": round(step_ratio(out), 3), "step_ratio_untiled": round(step_ratio(ref), 3),
-                       "decode_s_untiled": round(t_un, 1), "decode_s_tiled": round(t_ti, 1)}
+                       "decode_s_untiled": round(t_un, 1), "decode_s_tiled": round(t_ti, 1),
+                       "path": _path(codec, s_ti)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if name == PICTURE_PHOTO and steps == 2 and side == 1536:
@@ -277,13 +307,16 @@ def report() -> Path:
               f"({data['meta']['scale']['date']}; {sc['workers']} image(s) at a time, each in its own process).", "",
               "Wall seconds were taken while other benchmarks shared the machine; the CPU seconds (one thread per",
               "codec process) are what a free core takes and are the figures the ratios below use.", "",
-              "| image | size | MP | encode s (wall / CPU) | encode CPU s/MP | decode s (wall / CPU) | decode CPU s/MP | peak RSS GiB | bpp | PSNR |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "'path': whole (within `whole_max_pixels`, every pass untiled) or tiled. Rows are dated: a partial",
+              "re-run (`--upto-mp`) re-measures only the small images.", "",
+              "| image | size | MP | path | encode s (wall / CPU) | encode CPU s/MP | decode s (wall / CPU) | decode CPU s/MP | peak RSS GiB | bpp | PSNR | measured |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted(rows, key=lambda r: (r["crop"] is None, r["mp"])):
             label = f"{r['name']} crop" if r["crop"] else r["name"]
-            L.append(f"| {label} | {r['width']}x{r['height']} | {r['mp']:.2f} | {r['encode_s']:.1f} / {r['encode_cpu_s']:.1f} "
+            L.append(f"| {label} | {r['width']}x{r['height']} | {r['mp']:.2f} | {r.get('path', 'tiled')} "
+                     f"| {r['encode_s']:.1f} / {r['encode_cpu_s']:.1f} "
                      f"| {r['encode_cpu_s_per_mp']:.2f} | {r['decode_s']:.1f} / {r['decode_cpu_s']:.1f} | {r['decode_cpu_s_per_mp']:.2f} "
-                     f"| {r['rss_gib_peak']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} |")
+                     f"| {r['rss_gib_peak']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} | {r.get('date', data['meta']['scale']['date'])} |")
         for r in sc["rows"]:
             if "error" in r:
                 L.append(f"| {r['name']} | failed: {r['error'][-120:]!r} |")
@@ -312,19 +345,22 @@ def report() -> Path:
               "Centre crops; 'untiled' runs every pass whole (the pre-tiling codec). 'edge' pixels lie within 4 px of an "
               "inner tile edge of the sampler or VAE-decoder grid; 'step ratio' is the mean horizontal pixel step at edges "
               "over elsewhere (a seam would raise the tiled ratio above the untiled one).", "",
-              "| photo | crop | S | bpp untiled / tiled | PSNR untiled | PSNR tiled | diff | tiled vs untiled dB | mean abs diff edge / elsewhere | step ratio untiled / tiled | decode s untiled / tiled |",
-              "|---|---|---:|---|---:|---:|---:|---:|---|---|---|"]
+              "'path' is the one the default codec takes: crops within `whole_max_pixels` run whole, identical to untiled.", "",
+              "| photo | crop | path | S | bpp untiled / tiled | PSNR untiled | PSNR tiled | diff | tiled vs untiled dB | mean abs diff edge / elsewhere | step ratio untiled / tiled | decode s untiled / tiled |",
+              "|---|---|---|---:|---|---:|---:|---:|---:|---|---|---|"]
         for r in q["rows"]:
-            L.append(f"| {r['name']} | {r['side']}² | {r['steps']} | {r['bpp_untiled']:.4f} / {r['bpp_tiled']:.4f} | {r['psnr_untiled']:.2f} "
+            L.append(f"| {r['name']} | {r['side']}² | {r.get('path', 'tiled')} | {r['steps']} | {r['bpp_untiled']:.4f} / {r['bpp_tiled']:.4f} | {r['psnr_untiled']:.2f} "
                      f"| {r['psnr_tiled']:.2f} | {r['psnr_tiled'] - r['psnr_untiled']:+.2f} | {r['psnr_tiled_vs_untiled']:.1f} "
                      f"| {r['diff_at_edges']:.2f} / {r['diff_elsewhere']:.2f} | {r['step_ratio_untiled']:.3f} / {r['step_ratio_tiled']:.3f} "
                      f"| {r['decode_s_untiled']:.0f} / {r['decode_s_tiled']:.0f} |")
         for s in (0, 2, 5):
-            rs = [r for r in q["rows"] if r["steps"] == s]
-            if rs:
-                L.append(f"\nS = {s}: mean PSNR difference tiled − untiled {statistics.mean(r['psnr_tiled'] - r['psnr_untiled'] for r in rs):+.3f} dB "
-                         f"over {len(rs)} crops; edge/elsewhere diff {statistics.mean(r['diff_at_edges'] for r in rs):.2f} / "
-                         f"{statistics.mean(r['diff_elsewhere'] for r in rs):.2f}.")
+            for what, rs in (("all crops", [r for r in q["rows"] if r["steps"] == s]),
+                             ("tiled crops only", [r for r in q["rows"] if r["steps"] == s and r.get("path", "tiled") == "tiled"])):
+                if rs:
+                    d = [r["psnr_tiled"] - r["psnr_untiled"] for r in rs]
+                    L.append(f"\nS = {s}, {what}: mean PSNR difference tiled − untiled {statistics.mean(d):+.3f} dB over {len(rs)} crops "
+                             f"(min {min(d):+.2f}, max {max(d):+.2f}); edge/elsewhere diff {statistics.mean(r['diff_at_edges'] for r in rs):.2f} / "
+                             f"{statistics.mean(r['diff_elsewhere'] for r in rs):.2f}.")
         L += ["", "![source | untiled | tiled | |tiled − untiled| x 8 across a tile corner](tiling-corner.png)", ""]
     if "sd21" in data:
         r = data["sd21"]
@@ -346,11 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", type=int)
     ap.add_argument("--size", default="1536x2048", help="sd21: HxW")
     ap.add_argument("--threads", type=int, default=2, help="sd21: torch intra-op threads")
+    ap.add_argument("--upto-mp", type=float, help="scale: re-run only images of at most this many MP (others kept)")
     a = ap.parse_args(argv)
     if a.mode == "one":
         print(json.dumps(one(a.model, a.name, a.side, a.steps)))
     elif a.mode == "scale":
-        scale(a.model, a.workers, a.steps)
+        scale(a.model, a.workers, a.steps, a.upto_mp)
     elif a.mode == "quality":
         quality(a.model)
     elif a.mode == "picture":
