@@ -45,6 +45,8 @@ sysdeps:
 test: $(STAMP) photos sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# 8 photos at ~1.1 MP: archive, restore, audit on a local Ray + embedded S3, then JPEG/WebP at the
+# nearest rate -> outputs/demo/report/report.html (~5 min on 2 CPU cores; DEMO_ARGS="--count 4" is quicker)
 demo: $(STAMP) photos
 	$(PY) -m jobs.demo $(DEMO_ARGS)
 
