@@ -150,8 +150,19 @@ class Manifest:
         if not ids:
             return []
         paths = [self.out.done_path(s) for s in ids]
-        blobs = {k.rsplit("/", 1)[-1]: v for k, v in self.out.fs.cat(paths, on_error="omit").items()}
-        return [ShardStats.from_dict(json.loads(blobs[f"{s}.json"])) for s in ids if f"{s}.json" in blobs]
+        blobs = {k.rsplit("/", 1)[-1]: v for k, v in self.out.fs.cat(paths, on_error="return").items()}
+        stats = []
+        for shard_id, path in zip(ids, paths):
+            blob = blobs.get(f"{shard_id}.json")
+            if isinstance(blob, FileNotFoundError):
+                continue  # no such marker (asked for a shard that is not done)
+            if not isinstance(blob, bytes):  # failed after the library's retries: once more, with ours
+                try:
+                    blob = storage.read_bytes(self.out.fs, path)
+                except FileNotFoundError:
+                    continue
+            stats.append(ShardStats.from_dict(json.loads(blob)))
+        return stats
 
     def mark_done(self, stats: ShardStats) -> None:
         """Write the done marker (after the archive!) and drop a stale failure marker."""

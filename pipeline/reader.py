@@ -13,17 +13,30 @@ Two kinds of trouble are told apart, because they need opposite handling:
   a sample whose member was cut off is flagged, and :attr:`ShardReader.damage` says where the
   stream broke. ``tarfile`` silently stops at a truncated or invalid header; a watched ``TarInfo``
   class notices how the stream really ended.
-* **Storage errors** (the store failed to deliver: connection reset, throttling). These raise
-  :class:`StorageReadError` so the caller can retry the whole shard; a missing object raises
+* **Storage errors** (the store failed to deliver: connection reset, throttling, a body cut
+  short). On an object store the stream first recovers by itself: it reopens the object at the
+  byte where the failure happened (same ETag, so never a spliced newer version) and carries on,
+  up to :data:`READ_RETRIES` consecutive failures with exponential backoff. Only then does it
+  raise :class:`StorageReadError`, so the caller retries the whole shard; a missing object raises
   ``FileNotFoundError``, which no retry will fix.
+
+A **short read** is a storage error too, never damage: when the stream ends early, the object's
+size is asked again (a fresh HEAD *and* the parent listing) and, if either says there is more
+than was read, the read resumes. A stale or lying size (a HEAD reporting 0 bytes for an object
+that is not empty, a GET answered with fewer bytes than the object holds) therefore costs a retry,
+not the shard's samples. Damage is only recorded for bytes the store confirms are the whole object.
 """
 
 from __future__ import annotations
 
+import logging
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from typing import IO, Any
+
+import fsspec
 
 from . import storage
 from .types import Member, Sample, ShardDamage
@@ -37,26 +50,148 @@ class StorageReadError(OSError):
     """Reading a shard from storage failed (not a problem of the shard's bytes); worth a retry."""
 
 
-class _GuardedStream:
-    """Counts bytes and marks exceptions that come from the storage layer, not from the tar data."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, raw: IO[bytes], url: str) -> None:
+# Consecutive failed reads (errors or short reads without progress) a stream recovers from by
+# reopening the object at the failed offset, before it gives up with StorageReadError; the pause
+# before reopen n is storage.backoff_pause(n) (0.2 s, doubling, at most 5 s).
+READ_RETRIES = storage.READ_RETRIES
+
+
+class _RemoteObject:
+    """How a stream reopens an object-store object at an offset and re-asks its size."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.etag: str | None = None
+
+    def open(self, offset: int = 0) -> IO[bytes]:
+        self.fs.invalidate_cache(self.path)
+        raw = storage.open_for_streaming(self.fs, self.path)
+        etag = (getattr(raw, "details", None) or {}).get("ETag")
+        if self.etag is None:
+            self.etag = etag
+        elif etag is not None and etag != self.etag:
+            raw.close()
+            raise _ObjectChanged(f"{self.path} changed while it was read (ETag {self.etag} -> {etag})")
+        if offset:
+            raw.seek(offset)
+        return raw
+
+    def sizes(self) -> dict[str, int]:
+        """The object's size as a fresh HEAD and as the parent listing say (either may be missing)."""
+        out: dict[str, int] = {}
+        self.fs.invalidate_cache(self.path)
+        info = self.fs.info(self.path)
+        if info.get("size") is not None:
+            out["HEAD"] = int(info["size"])
+        parent, _, base = self.path.rstrip("/").rpartition("/")
+        self.fs.invalidate_cache(parent)
+        try:  # s3fs and gcsfs list just the keys starting with the name: one cheap request
+            entries = list(self.fs.find(parent, prefix=base, detail=True).values())
+        except (TypeError, ValueError, NotImplementedError):
+            entries = self.fs.ls(parent, detail=True)
+        for entry in entries:
+            if entry.get("name", "").rstrip("/") == self.path.rstrip("/") and entry.get("size") is not None:
+                out["listing"] = int(entry["size"])
+        return out
+
+
+class _ObjectChanged(OSError):
+    """The object was replaced while it was read: restart the shard rather than splice versions."""
+
+
+class _GuardedStream:
+    """Counts bytes and keeps storage failures apart from tar damage.
+
+    With a ``source`` (object stores), a failed or short read reopens the object at the current
+    offset and goes on (bounded, with backoff; see the module doc). Without one (local files,
+    tests), a storage exception ends the stream at once. Whatever ends the stream unrecovered is
+    kept in :attr:`error`, so the tar parser's reaction to it is reported as a storage error.
+    """
+
+    def __init__(self, raw: IO[bytes], url: str, source: _RemoteObject | None = None,
+                 retries: int = READ_RETRIES) -> None:
         self.raw = raw
         self.url = url
+        self.source = source
+        self.retries = retries
         self.bytes_read = 0
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what ended the stream unrecovered
+        self.failure: StorageReadError | None = None  # the error raised for it
+        self.recoveries = 0  # reopens that let the stream go on
+        self._failures = 0  # consecutive, reset by progress
 
     def read(self, size: int = -1) -> bytes:
+        while True:
+            try:
+                data = self.raw.read(size)
+            except Exception as exc:  # noqa: BLE001 - anything the store raises mid-stream
+                self._recover(exc)
+                continue
+            if data or size == 0 or self.source is None:
+                if data:
+                    self._failures = 0
+                self.bytes_read += len(data)
+                return data
+            short = self._short_by()
+            if short is None:
+                return data  # the store confirms: this is the end of the object
+            self._recover(storage.ShortReadError(f"the stream ended after {self.bytes_read} bytes, {short}"))
+
+    def _short_by(self) -> str | None:
+        """None when the object really ends at ``bytes_read``; else what says it is longer."""
+        assert self.source is not None
         try:
-            data = self.raw.read(size)
-        except Exception as exc:
+            sizes = self.source.sizes()
+        except FileNotFoundError as exc:
             self.error = exc
-            raise StorageReadError(f"reading {self.url} failed after {self.bytes_read} bytes: {exc}") from exc
-        self.bytes_read += len(data)
-        return data
+            self.failure = StorageReadError(f"{self.url} disappeared while it was read")
+            raise self.failure from exc
+        except Exception as exc:  # noqa: BLE001 - could not ask: count it as a failed read
+            return f"and its size could not be confirmed ({type(exc).__name__}: {exc})"
+        longer = {k: v for k, v in sizes.items() if v > self.bytes_read}
+        if longer:
+            return "but the object has " + ", ".join(f"{v} bytes by {k}" for k, v in longer.items())
+        if any(v < self.bytes_read for v in sizes.values()):
+            self.error = _ObjectChanged(f"{self.url} is now shorter ({sizes}) than the {self.bytes_read} bytes read")
+            self.failure = StorageReadError(str(self.error))
+            raise self.failure from self.error
+        return None
+
+    def _recover(self, exc: BaseException) -> None:
+        """Reopen at ``bytes_read`` after a pause, or raise StorageReadError when out of retries."""
+        while True:
+            self._failures += 1
+            fatal = isinstance(exc, (FileNotFoundError, PermissionError, _ObjectChanged))
+            if self.source is None or fatal or self._failures > self.retries:
+                self.error = exc
+                tries = "" if self.source is None or fatal else f" ({self._failures - 1} reopen(s) did not help)"
+                self.failure = StorageReadError(f"reading {self.url} failed after {self.bytes_read} bytes{tries}: "
+                                                f"{type(exc).__name__}: {exc}")
+                raise self.failure from exc
+            pause = storage.backoff_pause(self._failures)
+            log.warning("transient read error on %s after %d bytes (%s: %s); reopening in %.1fs (try %d of %d)",
+                        self.url, self.bytes_read, type(exc).__name__, exc, pause, self._failures, self.retries)
+            time.sleep(pause)
+            try:
+                raw = self.source.open(self.bytes_read)
+            except Exception as again:  # noqa: BLE001 - the reopen failed as well: next try
+                exc = again
+                continue
+            self._close_raw()
+            self.raw = raw
+            self.recoveries += 1
+            return
+
+    def _close_raw(self) -> None:
+        try:
+            self.raw.close()
+        except Exception:  # noqa: BLE001 - a broken connection may not close cleanly
+            pass
 
     def close(self) -> None:
-        self.raw.close()
+        self._close_raw()
 
 
 class _WatchedTarInfo(tarfile.TarInfo):
@@ -116,20 +251,23 @@ class ShardReader:
         self.max_member_bytes = max_member_bytes
         self.damage: ShardDamage | None = None
         self.bytes_read = 0
+        self.read_recoveries = 0  # transient read errors the stream recovered from (see module doc)
 
     def __iter__(self) -> Iterator[Sample]:
         fs, path = storage.filesystem(self.url, self.storage_options)
+        source = None if storage.is_local(fs) else _RemoteObject(fs, path)
         try:
-            raw = storage.open_for_streaming(fs, path)
+            raw = source.open() if source is not None else storage.open_for_streaming(fs, path)
         except (FileNotFoundError, PermissionError):
             raise
         except Exception as exc:
             raise StorageReadError(f"cannot open shard {self.url}: {exc}") from exc
-        stream = _GuardedStream(raw, self.url)
+        stream = _GuardedStream(raw, self.url, source)
         try:
             yield from self._samples(stream)
         finally:
             self.bytes_read = stream.bytes_read
+            self.read_recoveries = stream.recoveries
             stream.close()
 
     def _samples(self, stream: _GuardedStream) -> Iterator[Sample]:
@@ -181,6 +319,8 @@ class ShardReader:
 
     @staticmethod
     def _raise_if_storage(stream: _GuardedStream) -> None:
+        if stream.failure is not None:
+            raise stream.failure
         if stream.error is not None:
             raise StorageReadError(f"reading {stream.url} failed after {stream.bytes_read} bytes: "
                                    f"{stream.error}") from stream.error

@@ -112,6 +112,19 @@ def prepare_sample(sample: Sample, record: Record, max_pixels: int) -> PendingIm
     return PendingImage(record, image.pixels)
 
 
+def archive_key(shard_id: str, sample: Sample, taken: set[str]) -> str:
+    """The archive key of a sample, ``<shard_id>/<sample key>``, added to ``taken``.
+
+    A sample key repeated within the shard still gets a unique key (``#<index>`` appended); that
+    row is then recorded as ``duplicate_key``. ``rdeic verify`` derives the expected keys with this.
+    """
+    key = f"{shard_id}/{sample.key}"
+    while key in taken:
+        key = f"{key}#{sample.index}"
+    taken.add(key)
+    return key
+
+
 class _Producer(threading.Thread):
     """Reads and decodes a shard into batches on a thread of its own (the overlap with encoding)."""
 
@@ -153,10 +166,7 @@ class _Producer(threading.Thread):
             self.seconds = time.perf_counter() - t0 - self.blocked_seconds
 
     def _new_record(self, sample: Sample) -> Record:
-        key = f"{self.shard.shard_id}/{sample.key}"
-        while key in self._keys:  # a repeated sample key still gets a unique archive key
-            key = f"{key}#{sample.index}"
-        self._keys.add(key)
+        key = archive_key(self.shard.shard_id, sample, self._keys)
         return Record(key=key, shard=self.shard.shard_id, src_index=sample.index, src_url=self.shard.url,
                       codec_fingerprint=self.fingerprint)
 
@@ -298,6 +308,8 @@ def process_shard(shard: ShardRef, encoder: Encoder, out: OutputLocation, config
     stats = _stats(shard, records, out.to_url(archive), fingerprint, config)
     stats.damage = reader.damage.to_dict() if reader.damage else None
     stats.shard_bytes_read = reader.bytes_read
+    if reader.read_recoveries:
+        stats.extra["read_recoveries"] = reader.read_recoveries  # transient read errors survived
     stats.parquet_bytes, stats.parquet_sha256 = len(data), hashlib.sha256(data).hexdigest()
     stats.row_groups = -(-len(records) // config.row_group_size)
     stats.attempt, stats.worker, stats.device = attempt, worker, encoder.device

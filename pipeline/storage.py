@@ -10,11 +10,18 @@ Why the helpers exist instead of bare fsspec calls:
   other processes (Ray workers), so every listing here invalidates the cache first.
 * **Storage options** (``--storage-options`` JSON) go to every non-local filesystem; the standard
   AWS environment (credentials, ``AWS_ENDPOINT_URL``) is honoured by s3fs/botocore itself.
+* **Retries.** Every S3 call retries in botocore (:data:`S3_RETRIES`, unless the options set
+  ``config_kwargs.retries``): throttling (503 SlowDown), 500s and dropped connections. s3fs adds
+  its own retries around reading a response body (a reset or cut-off body is read again). What
+  no library notices, a response that is consistently framed but shorter than the object, is
+  caught here (:func:`read_bytes`) and in ``pipeline.reader``, and retried. See docs/guarantees.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +30,19 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger(__name__)
+
 # Streaming reads fetch this much per request; a shard is never read whole into memory.
 READ_BLOCK_SIZE = 8 * 1024 * 1024
+# botocore retry settings for S3 clients when the storage options set none. "adaptive" is the
+# standard retry policy (exponential backoff with jitter on throttling, 5xx and connection errors)
+# plus client-side rate limiting once the store throttles: many workers back off together.
+S3_RETRIES = {"max_attempts": 10, "mode": "adaptive"}
+# Our own retries, for reads that come back short without any error (see pipeline.reader too):
+# this many consecutive failures, pausing READ_BACKOFF_S, doubled each time (at most 5 s).
+READ_RETRIES = 5
+READ_BACKOFF_S = 0.2
+READ_BACKOFF_MAX_S = 5.0
 
 _OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"}
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
@@ -38,12 +56,27 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     """
     protocol = fsspec.utils.get_protocol(url)
     local = protocol in ("file", "local")
-    options = {} if local else dict(storage_options or {})
+    options = {} if local else with_defaults(protocol, storage_options)
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
         raise ValueError(f"cannot open storage for {url!r}: {exc}") from exc
     return fs, path
+
+
+def with_defaults(protocol: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` plus our defaults for the protocol (S3: botocore retries, :data:`S3_RETRIES`)."""
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", dict(S3_RETRIES))
+        options["config_kwargs"] = config
+    return options
+
+
+def backoff_pause(failures: int) -> float:
+    """Seconds to wait before retry number ``failures`` (1, 2, ...) of our own read retries."""
+    return min(READ_BACKOFF_S * 2 ** (failures - 1), READ_BACKOFF_MAX_S)
 
 
 def normalize_url(url: str) -> str:
@@ -132,8 +165,39 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     return bool(set(protocols) & _OBJECT_STORE_PROTOCOLS)
 
 
+class ShortReadError(OSError):
+    """The store kept delivering fewer (or more) bytes than it says the object has."""
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    return fs.cat_file(path)
+    """The whole file. On an object store the length is checked against a fresh HEAD: a body of
+    another length (cut short without an HTTP error, or a HEAD that lied), or one botocore refused
+    (response checksum mismatch, which s3fs does not retry), is read again, READ_RETRIES times."""
+    if is_local(fs) or not _is_object_store(fs):
+        return fs.cat_file(path)
+    failures = 0
+    while True:
+        try:
+            data = fs.cat_file(path)
+            fs.invalidate_cache(path)
+            size = fs.info(path).get("size")
+            if size is None or len(data) == size:
+                return data
+            error: Exception = ShortReadError(f"read {len(data)} bytes of {to_url(fs, path)}, which has {size} "
+                                              "bytes by its HEAD")
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the libraries gave up on: bounded retries
+            error = exc
+        failures += 1
+        if failures > READ_RETRIES:
+            if isinstance(error, ShortReadError):
+                raise ShortReadError(f"{error} (still after {READ_RETRIES} retries)")
+            raise error
+        pause = backoff_pause(failures)
+        log.warning("reading %s failed (%s: %s); again in %.1fs (retry %d of %d)", to_url(fs, path),
+                    type(error).__name__, error, pause, failures, READ_RETRIES)
+        time.sleep(pause)
 
 
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:

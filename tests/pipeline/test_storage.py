@@ -72,6 +72,16 @@ def test_local_paths_ignore_remote_options_and_become_absolute(tmp_path: Path, m
     assert storage.join("s3://b/out/", "/archive/", "x.parquet") == "s3://b/out/archive/x.parquet"
 
 
+def test_s3_clients_retry_in_botocore_unless_the_options_say_otherwise() -> None:
+    options = {"client_kwargs": {"endpoint_url": "http://h:9000"}, "config_kwargs": {"connect_timeout": 3}}
+    with_retries = storage.with_defaults("s3", options)
+    assert with_retries["config_kwargs"] == {"connect_timeout": 3, "retries": storage.S3_RETRIES}
+    assert options["config_kwargs"] == {"connect_timeout": 3}  # the caller's dict is untouched
+    mine = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    assert storage.with_defaults("s3", mine) == mine
+    assert storage.with_defaults("gs", {"token": "anon"}) == {"token": "anon"}
+
+
 def test_redact_hides_secrets_but_keeps_structure() -> None:
     options = {"key": "AKIA123", "secret": "s3cr3t", "anon": False,
                "client_kwargs": {"endpoint_url": "http://h:9000", "aws_session_token": "tok"}}
