@@ -2,16 +2,22 @@
 
     rdeic archive --input 's3://b/shards/{000000..000999}.tar' --output s3://b/archive-v1 \\
                   [--model NAME_OR_DIR] [--executor ray|local] [--num-actors N] [--storage-options JSON]
-                  [--batch-size N] [--tile-batch N]
+                  [--batch-size N] [--tile-batch N] [--retry-failed] [--break-lease]
 
 The job only wires things together: expand the inputs, check the output prefix against the
 codec (``run.json``), skip shards whose done marker exists, hand the rest to an executor, and
 summarise. Rerunning the same command resumes; see docs/archive-format.md.
 
+One job writes into an output prefix at a time: the job holds the prefix's lease
+(``<output>/_lease.json``, ``pipeline.lease``) while it runs. ``--retry-failed`` also redoes the
+rows of done shards that failed for a transient reason (out of memory), and only those
+(``pipeline.retry``, ``pipeline.failures``).
+
 Exit status: 0 when every shard was processed (failed *samples* included: they are rows with a
 reason), 1 when some shards could not be processed after their retries (or no worker could load the
 model), 2 for a configuration
-error (bad pattern, missing model, an output prefix written by another codec), 130 on Ctrl-C.
+error (bad pattern, missing model, an output prefix written by another codec), 75 when another
+live job holds the output's lease (or took it over during this run), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import storage
 from pipeline.batching import DEFAULT_BATCH_SIZE
-from pipeline.executors.base import ArchivePlan, ExecutorStartError, RunResult
+from pipeline.executors.base import ArchivePlan, ExecutorStartError, RunResult, ShardFailure
+from pipeline.failures import may_have_transient
 from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.lease import LeaseContendedError, LeaseHeldError, LeaseLostError, OutputLease
 from pipeline.manifest import Manifest, OutputConflictError, OutputLocation, utc_now
 from pipeline.progress import NullProgress, ProgressSink
 from pipeline.reader import DEFAULT_MAX_MEMBER_BYTES
-from pipeline.runner import FatalShardError, ShardConfig
+from pipeline.retry import archive_or_retry
+from pipeline.runner import FatalShardError, ShardConfig, process_shard
 from pipeline.shards import expand_inputs
-from pipeline.types import ShardStats
+from pipeline.types import ShardRef, ShardStats
 from pipeline.writer import DEFAULT_ROW_GROUP_SIZE
 
 from .codec import RDEICEncoderFactory, add_tile_batch_option
@@ -50,7 +59,9 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_SHARDS_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_LEASE = 75  # EX_TEMPFAIL: another live job writes into the output prefix; try again later
 EXIT_INTERRUPTED = 130
+LEASE_ERRORS = (LeaseHeldError, LeaseLostError, LeaseContendedError)
 MODEL_ENV = "RDEIC_MODEL"
 DEFAULT_MODEL = "mini"
 EXECUTORS = ("ray", "local")
@@ -80,6 +91,8 @@ class ArchiveJob:
     tile_batch: int | None = None  # codec.tiling.batch of every worker's codec; None: the codec's default
     ray_address: str | None = None
     progress: bool | None = None  # None: bars only on a terminal
+    retry_failed: bool = False  # also redo the transiently failed rows of done shards (pipeline.retry)
+    break_lease: bool = False  # take the output's lease even from a live job (an operator's call; never saved)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -103,8 +116,12 @@ class ArchiveJob:
         return config
 
     def to_spec(self) -> dict[str, Any]:
-        """The job as the ``archive:`` section of a spec (keys = flags; jobs/config.py), secrets redacted."""
+        """The job as the ``archive:`` section of a spec (keys = flags; jobs/config.py), secrets redacted.
+
+        ``break_lease`` is left out: a saved spec rerun later must never break a live job's lease.
+        """
         config = self.to_config()
+        config.pop("break_lease")
         return {"input": config.pop("inputs"), **config}
 
 
@@ -168,28 +185,73 @@ def run_archive(job: ArchiveJob, progress: ProgressSink | None = None, executor:
     out = OutputLocation(job.output, storage_options)
     manifest = Manifest(out)
     try:
-        manifest.ensure_run(identity, job.to_config())
-    except OutputConflictError as exc:
+        lease = OutputLease(out, "archive", run_id, break_lease=job.break_lease)
+    except ValueError as exc:  # RDEIC_LEASE_* settings
         raise ArchiveConfigError(str(exc)) from None
-    write_resolved_config(job.output, "archive", job.to_spec(), storage_options)  # prefix accepted: record the run
-    done_before = manifest.done_shards()
-    pending = [s for s in shards if s.shard_id not in done_before]
-    metadata = identity.to_metadata() | {"rdeic.job": json.dumps(job.to_config(), sort_keys=True)}
-    config = _shard_config(job, storage_options, identity.fingerprint, metadata)
-    plan = ArchivePlan(pending, factory, out, config, job.max_shard_retries)
-    progress = progress or NullProgress()
-    progress.start(len(pending), len(shards) - len(pending))
-    try:
-        result = (executor or make_executor(job)).run(plan, progress)
-    except FatalShardError as exc:
-        raise ArchiveConfigError(str(exc)) from None
-    finally:
-        progress.close()
-    skipped = [s.shard_id for s in shards if s.shard_id in done_before]
-    summary = build_summary(job, run_id, started_at, time.perf_counter() - t0, len(shards), result,
-                            manifest.read_done(skipped) if skipped else [])
-    summary["summary_url"] = manifest.write_summary(summary)
+    with lease:  # LeaseHeldError when another live job writes here; held (heartbeat) until the summary is written
+        try:
+            manifest.ensure_run(identity, job.to_config())
+        except OutputConflictError as exc:
+            raise ArchiveConfigError(str(exc)) from None
+        write_resolved_config(job.output, "archive", job.to_spec(), storage_options)  # prefix accepted: record the run
+        done_before = manifest.done_shards()
+        pending = [s for s in shards if s.shard_id not in done_before]
+        skipped = [s.shard_id for s in shards if s.shard_id in done_before]
+        earlier_stats: dict[str, ShardStats] = {}
+        retry: list[ShardRef] = []
+        if job.retry_failed and skipped:
+            earlier_stats = {s.shard_id: s for s in manifest.read_done(skipped)}
+            retry = [s for s in shards if s.shard_id in earlier_stats
+                     and may_have_transient(earlier_stats[s.shard_id].failed_by_reason)]
+        metadata = identity.to_metadata() | {"rdeic.job": json.dumps(job.to_config(), sort_keys=True)}
+        config = _shard_config(job, storage_options, identity.fingerprint, metadata)
+        plan = ArchivePlan(pending + retry, factory, out, config, job.max_shard_retries,
+                           work=archive_or_retry if job.retry_failed else process_shard)
+        progress = progress or NullProgress()
+        progress.start(len(pending) + len(retry), len(shards) - len(pending) - len(retry))
+        try:
+            result = (executor or make_executor(job)).run(plan, progress)
+        except LeaseLostError:
+            raise
+        except FatalShardError as exc:
+            raise ArchiveConfigError(str(exc)) from None
+        finally:
+            progress.close()
+        lease.raise_if_lost()
+        retried = {s.shard_id for s in retry}
+        fresh = RunResult(done=[s for s in result.done if s.shard_id not in retried],
+                          failed=[f for f in result.failed if f.shard_id not in retried])
+        redone = {s.shard_id: s for s in result.done if s.shard_id in retried}
+        if skipped and not earlier_stats:
+            earlier_stats = {s.shard_id: s for s in manifest.read_done(skipped)}
+        earlier = [redone.get(i) or earlier_stats[i] for i in skipped if i in redone or i in earlier_stats]
+        summary = build_summary(job, run_id, started_at, time.perf_counter() - t0, len(shards), fresh, earlier)
+        if job.retry_failed:
+            summary["retry_failed"] = retry_summary(len(retry), list(redone.values()),
+                                                    [f for f in result.failed if f.shard_id in retried])
+            if summary["retry_failed"]["failed_shards"]:
+                summary["exit_code"] = EXIT_SHARDS_FAILED
+        summary["lease"] = lease.describe()
+        summary["summary_url"] = manifest.write_summary(summary)
     return ArchiveOutcome(summary["exit_code"], summary)
+
+
+def retry_summary(candidates: int, redone: list[ShardStats], failed: list[ShardFailure]) -> dict[str, Any]:
+    """What ``--retry-failed`` did: shards opened, rows retried, how many are ok now (``extra.retry``)."""
+    infos = [s.extra.get("retry") or {} for s in redone]
+    still: Counter[str] = Counter()
+    for info in infos:
+        still.update(info.get("still_failed_by_reason") or {})
+    return {
+        "shards": candidates,
+        "shards_retried": sum(1 for i in infos if i.get("rows")),
+        "rows": sum(int(i.get("rows", 0)) for i in infos),
+        "now_ok": sum(int(i.get("now_ok", 0)) for i in infos),
+        "still_failed": sum(int(i.get("still_failed", 0)) for i in infos),
+        "still_failed_by_reason": dict(sorted(still.items())),
+        "kept": sum(int(i.get("kept", 0)) for i in infos),
+        "failed_shards": [asdict(f) for f in failed],
+    }
 
 
 def build_summary(job: ArchiveJob, run_id: str, started_at: str, seconds: float, total_shards: int,
@@ -243,6 +305,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  damaged shard {d['shard_id']}: {d['message']}")
     for f in summary["failed_shards"]:
         lines.append(f"  FAILED shard {f['shard_id']} after {f['attempts']} attempt(s): {f['error']}")
+    retry = summary.get("retry_failed")
+    if retry is not None:
+        lines.append(f"  retry-failed: {retry['rows']} transiently failed row(s) retried in {retry['shards_retried']} "
+                     f"shard(s): {retry['now_ok']} now ok, {retry['still_failed']} still failed"
+                     + (f" ({', '.join(f'{k}={v}' for k, v in retry['still_failed_by_reason'].items())})"
+                        if retry["still_failed_by_reason"] else "")
+                     + (f", {retry['kept']} kept as they were (source gone or changed)" if retry["kept"] else ""))
+        for f in retry["failed_shards"]:
+            lines.append(f"  FAILED retry of shard {f['shard_id']} after {f['attempts']} attempt(s) (its archive "
+                         f"is unchanged): {f['error']}")
+    took = (summary.get("lease") or {}).get("took_over")
+    if took and took.get("why") != "released":
+        lines.append(f"  took over the output's lease from {took.get('owner')} ({took.get('why')})")
     if summary.get("summary_url"):
         lines.append(f"  summary: {summary['summary_url']}")
     return "\n".join(lines)
@@ -286,11 +361,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES)
     p.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP_SIZE)
     p.add_argument("--max-shard-retries", type=int, default=2)
+    p.add_argument("--retry-failed", action="store_true", default=False,
+                   help="also redo the rows of done shards that failed for a transient reason (out of memory); "
+                        "rows that failed for good (corrupt, too large, ...) are left alone")
+    add_break_lease_option(p)
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="always draw bars")
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="never draw bars")
     p.set_defaults(func=main_from_args)
     return p
+
+
+def add_break_lease_option(p: argparse.ArgumentParser) -> None:
+    """--break-lease of archive, restore and audit."""
+    p.add_argument("--break-lease", action="store_true", default=False,
+                   help="take the output's lease even though another job holds it and it has not expired: "
+                        "only when you know that job is dead (its next write then fails, exit status 75)")
 
 
 def job_from_args(args: argparse.Namespace) -> ArchiveJob:
@@ -301,6 +387,8 @@ def job_from_args(args: argparse.Namespace) -> ArchiveJob:
         max_shard_retries=args.max_shard_retries, device=args.device,
         compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
         tile_batch=args.tile_batch, ray_address=args.ray_address, progress=args.progress,
+        retry_failed=bool(getattr(args, "retry_failed", False)),
+        break_lease=bool(getattr(args, "break_lease", False)),
     )
 
 
@@ -313,6 +401,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     except ArchiveConfigError as exc:
         print(f"rdeic archive: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LEASE_ERRORS as exc:
+        print(f"rdeic archive: error: {exc}", file=sys.stderr)
+        return EXIT_LEASE
     except ExecutorStartError as exc:
         print(f"rdeic archive: error: no shard processed: {exc}", file=sys.stderr)
         return EXIT_SHARDS_FAILED

@@ -47,10 +47,19 @@ from pipeline.metrics import DEFAULT_FID_PATCH, PERCEPTUAL_METRICS, find_weights
 from pipeline.progress import NullProgress, ProgressSink
 from pipeline.report import write_report
 from pipeline.restore import DEFAULT_DECODE_BATCH, ensure_job_file
+from pipeline.lease import LeaseLostError, OutputLease
 from pipeline.runner import FatalShardError
 from pipeline.shards import expand_inputs
 
-from .archive import EXECUTORS, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_SHARDS_FAILED, build_summary
+from .archive import (
+    EXECUTORS,
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_LEASE,
+    EXIT_SHARDS_FAILED,
+    LEASE_ERRORS,
+    build_summary,
+)
 from .restore import (
     add_common_arguments,
     add_decode_overrides,
@@ -106,6 +115,7 @@ class AuditJob:
     tile_batch: int | None = None  # codec.tiling.batch of every worker's codec; None: the codec's default
     ray_address: str | None = None
     progress: bool | None = None
+    break_lease: bool = False  # take the output's lease even from a live job (never saved)
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -154,54 +164,65 @@ def run_audit(job: AuditJob, progress: ProgressSink | None = None, executor: Any
         settings = {"archive": archive.url, "codec_fingerprint": fingerprint, "fraction": job.fraction,
                     "seed": job.seed, "steps": job.steps, "detail_scale": job.detail_scale,
                     "fid_patch": job.fid_patch, "perceptual": list(job.perceptual)}
-        ensure_job_file(out, AUDIT_FILE, settings, {"job": job.to_config()})
-        archived = archive.complete_shards()
+        lease = OutputLease(out, "audit", run_id, break_lease=job.break_lease)
     except (ValueError, FileNotFoundError) as exc:
         raise AuditConfigError(str(exc)) from None
-    planned = [s for s in archived if s.shard_id in sources]
-    if not planned:
-        raise AuditConfigError(f"no archive shard of {archive.url} has a source among --source "
-                               f"({len(archived)} archive shard(s), {len(sources)} source shard(s), no common id)")
-    manifest = Manifest(out)
-    done_before = manifest.done_shards()
-    pending = [s for s in planned if s.shard_id not in done_before]
-    factory = AuditorFactory(decoder_factory, job.perceptual, job.fid_patch)
-    plan = ArchivePlan(pending, factory, out, config, job.max_shard_retries,  # type: ignore[arg-type]
-                       work=audit_shard, kind="audit")
-    progress = progress or NullProgress()
-    progress.verb = "auditing"  # type: ignore[attr-defined]
-    progress.start(len(pending), len(planned) - len(pending))
-    try:
-        result = (executor or _make_executor(job)).run(plan, progress)
-    except FatalShardError as exc:
-        raise AuditConfigError(str(exc)) from None
-    finally:
-        progress.close()
-    skipped = [s.shard_id for s in planned if s.shard_id in done_before]
-    earlier = manifest.read_done(skipped) if skipped else []
-    run_summary = build_summary(job, run_id, started_at, time.perf_counter() - t0, len(planned), result,  # type: ignore[arg-type]
-                                earlier)
-    all_stats = list(result.done) + list(earlier)
-    run_summary["failed_keys"], run_summary["failed_keys_truncated"] = summarize_failed_keys(all_stats)
-    run_summary["summary_url"] = manifest.write_summary(run_summary)
+    with lease:  # LeaseHeldError when another live job writes into the output
+        try:
+            ensure_job_file(out, AUDIT_FILE, settings, {"job": job.to_config()})
+            archived = archive.complete_shards()
+        except (ValueError, FileNotFoundError) as exc:
+            raise AuditConfigError(str(exc)) from None
+        planned = [s for s in archived if s.shard_id in sources]
+        if not planned:
+            raise AuditConfigError(f"no archive shard of {archive.url} has a source among --source "
+                                   f"({len(archived)} archive shard(s), {len(sources)} source shard(s), no common id)")
+        manifest = Manifest(out)
+        done_before = manifest.done_shards()
+        pending = [s for s in planned if s.shard_id not in done_before]
+        factory = AuditorFactory(decoder_factory, job.perceptual, job.fid_patch)
+        plan = ArchivePlan(pending, factory, out, config, job.max_shard_retries,  # type: ignore[arg-type]
+                           work=audit_shard, kind="audit")
+        progress = progress or NullProgress()
+        progress.verb = "auditing"  # type: ignore[attr-defined]
+        progress.start(len(pending), len(planned) - len(pending))
+        try:
+            result = (executor or _make_executor(job)).run(plan, progress)
+        except LeaseLostError:
+            raise
+        except FatalShardError as exc:
+            raise AuditConfigError(str(exc)) from None
+        finally:
+            progress.close()
+        skipped = [s.shard_id for s in planned if s.shard_id in done_before]
+        earlier = manifest.read_done(skipped) if skipped else []
+        run_summary = build_summary(job, run_id, started_at, time.perf_counter() - t0,  # type: ignore[arg-type]
+                                    len(planned), result, earlier)
+        all_stats = list(result.done) + list(earlier)
+        run_summary["failed_keys"], run_summary["failed_keys_truncated"] = summarize_failed_keys(all_stats)
+        lease.raise_if_lost()
+        run_summary["lease"] = lease.describe()
+        run_summary["summary_url"] = manifest.write_summary(run_summary)
 
-    driver_missing = {m: list(s.missing) for m, s in find_weights(job.perceptual).items() if not s.available}
-    header = {
-        "archive": archive.url, "sources_patterns": list(job.sources), "output": out.url,
-        "codec": {"fingerprint": fingerprint, "name": (run.get("codec") or {}).get("name"),
-                  "model": decoder_factory.model},
-        "fraction": job.fraction, "seed": job.seed, "steps": job.steps, "detail_scale": job.detail_scale,
-        "perceptual_requested": list(job.perceptual),
-        "shards_without_source": sorted(s.shard_id for s in archived if s.shard_id not in sources),
-        "source_shards_not_archived": sorted(set(sources) - {s.shard_id for s in archived}),
-        "shards_failed": [asdict(f) for f in result.failed],
-        "exit_code": run_summary["exit_code"],
-    }
-    summary, columns, crops = summarize(out, all_stats, header, driver_missing, job.fid_patch, job.worst_k)
-    summary["report"] = write_report(out, summary, columns, crops)
-    summary_path = out.path(SUMMARY_FILE)
-    storage.write_bytes_atomic(out.fs, summary_path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
-    summary["summary_url"] = out.to_url(summary_path)
+        driver_missing = {m: list(s.missing) for m, s in find_weights(job.perceptual).items() if not s.available}
+        header = {
+            "archive": archive.url, "sources_patterns": list(job.sources), "output": out.url,
+            "codec": {"fingerprint": fingerprint, "name": (run.get("codec") or {}).get("name"),
+                      "model": decoder_factory.model},
+            "fraction": job.fraction, "seed": job.seed, "steps": job.steps, "detail_scale": job.detail_scale,
+            "perceptual_requested": list(job.perceptual),
+            "shards_without_source": sorted(s.shard_id for s in archived if s.shard_id not in sources),
+            "source_shards_not_archived": sorted(set(sources) - {s.shard_id for s in archived}),
+            "shards_failed": [asdict(f) for f in result.failed],
+            "exit_code": run_summary["exit_code"],
+        }
+        summary, columns, crops = summarize(out, all_stats, header, driver_missing, job.fid_patch, job.worst_k)
+        summary["report"] = write_report(out, summary, columns, crops)
+        summary_path = out.path(SUMMARY_FILE)
+        out.check_lease()
+        storage.write_bytes_atomic(out.fs, summary_path,
+                                   (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        summary["summary_url"] = out.to_url(summary_path)
     return AuditOutcome(run_summary["exit_code"], summary, run_summary)
 
 
@@ -277,6 +298,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     except (AuditConfigError, argparse.ArgumentTypeError) as exc:
         print(f"rdeic audit: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LEASE_ERRORS as exc:
+        print(f"rdeic audit: error: {exc}", file=sys.stderr)
+        return EXIT_LEASE
     except ExecutorStartError as exc:
         print(f"rdeic audit: error: no shard processed: {exc}", file=sys.stderr)
         return EXIT_SHARDS_FAILED

@@ -176,6 +176,8 @@ def schema_help(schema: type) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ schemas
 _EXECUTORS = ("ray", "local")
 # --tile-batch (jobs.codec.add_tile_batch_option): codec.tiling.batch of every worker's codec
+_BREAK_LEASE_HELP = ("take the output's lease even from a job that has not released it and whose lease has not "
+                     "expired: only when that job is known to be dead (never saved in job.yaml)")
 _TILE_BATCH_HELP = ("tiles (or one-tile images) per network pass: bounds codec memory; does not change which "
                     "pixels are computed (default: the codec's)")
 
@@ -201,6 +203,9 @@ class ArchiveSpec:
     max_member_bytes: int | None = spec_field("larger tar members are skipped (member_too_large)", min=1)
     row_group_size: int | None = spec_field("Parquet rows per row group", min=1)
     max_shard_retries: int | None = spec_field("retries of a failed shard attempt", min=0)
+    retry_failed: bool | None = spec_field("also redo the rows of done shards that failed for a transient reason "
+                                           "(out of memory); permanent failures are left alone")
+    break_lease: bool | None = spec_field(_BREAK_LEASE_HELP)
     progress: bool | None = spec_field("draw progress bars (default: only on a terminal)")
 
 
@@ -219,6 +224,7 @@ class _DecodeJobSpec:
     batch_size: int | None = spec_field("bitstreams decoded together", min=1)
     tile_batch: int | None = spec_field(_TILE_BATCH_HELP, min=1)
     max_shard_retries: int | None = spec_field("retries of a failed shard attempt", min=0)
+    break_lease: bool | None = spec_field(_BREAK_LEASE_HELP)
     progress: bool | None = spec_field("draw progress bars (default: only on a terminal)")
 
 
@@ -411,6 +417,7 @@ def resolved_section(args: argparse.Namespace, kind: str) -> dict[str, Any]:
             out[f.name] = list(value) if isinstance(value, tuple) else value
     if isinstance(out.get("storage_options"), dict):
         out["storage_options"] = redact(out["storage_options"])
+    out.pop("break_lease", None)  # an operator's one-off: a saved spec must never break a live job's lease
     return out
 
 

@@ -45,15 +45,19 @@ from pipeline.restore import (
     restore_settings,
     restore_shard,
 )
+from pipeline.lease import LeaseLostError, OutputLease
 from pipeline.runner import FatalShardError
 
 from .archive import (
     EXECUTORS,
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
+    EXIT_LEASE,
     EXIT_SHARDS_FAILED,
+    LEASE_ERRORS,
     MODEL_ENV,
     _json_object,
+    add_break_lease_option,
     build_summary,
     effective_storage_options,
     make_executor,
@@ -190,6 +194,7 @@ class RestoreJob:
     tile_batch: int | None = None  # codec.tiling.batch of every worker's codec; None: the codec's default
     ray_address: str | None = None
     progress: bool | None = None
+    break_lease: bool = False  # take the output's lease even from a live job (never saved)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -225,37 +230,46 @@ def run_restore(job: RestoreJob, progress: ProgressSink | None = None, executor:
         config = RestoreConfig(format=job.format, steps=job.steps, detail_scale=job.detail_scale,
                                batch_size=job.batch_size, storage_options=options, expected_fingerprint=fingerprint)
         out = OutputLocation(job.output, options)
-        ensure_job_file(out, RESTORE_FILE, restore_settings(archive.url, fingerprint, config),
-                        {"job": job.to_config(), "config": config_dict(config)})
-        shards = archive.complete_shards()
-    except (ValueError, FileNotFoundError) as exc:  # ArchiveReadError, OutputConflictError, bad knobs
+        lease = OutputLease(out, "restore", run_id, break_lease=job.break_lease)
+    except (ValueError, FileNotFoundError) as exc:  # ArchiveReadError, bad knobs
         raise RestoreConfigError(str(exc)) from None
-    if not shards:
-        raise RestoreConfigError(f"{archive.url} has no complete shard (no _manifest/done/*.json)")
-    manifest = Manifest(out)
-    done_before = manifest.done_shards()
-    pending = [s for s in shards if s.shard_id not in done_before]
-    plan = ArchivePlan(pending, factory, out, config, job.max_shard_retries,  # type: ignore[arg-type]
-                       work=restore_shard, kind="restore")
-    progress = progress or NullProgress()
-    progress.verb = "restoring"  # type: ignore[attr-defined]
-    progress.start(len(pending), len(shards) - len(pending))
-    try:
-        result = (executor or make_executor(job)).run(plan, progress)  # type: ignore[arg-type]
-    except FatalShardError as exc:
-        raise RestoreConfigError(str(exc)) from None
-    finally:
-        progress.close()
-    skipped = [s.shard_id for s in shards if s.shard_id in done_before]
-    earlier = manifest.read_done(skipped) if skipped else []
-    summary = build_summary(job, run_id, started_at, time.perf_counter() - t0, len(shards), result,  # type: ignore[arg-type]
-                            earlier)
-    all_stats = list(result.done) + list(earlier)
-    summary["archive"] = archive.url
-    summary["format"] = job.format
-    summary["images"]["not_archived"] = sum(int(s.extra.get("not_archived", 0)) for s in all_stats)
-    summary["failed_keys"], summary["failed_keys_truncated"] = summarize_failed_keys(all_stats)
-    summary["summary_url"] = manifest.write_summary(summary)
+    with lease:  # LeaseHeldError when another live job writes into the output
+        try:
+            ensure_job_file(out, RESTORE_FILE, restore_settings(archive.url, fingerprint, config),
+                            {"job": job.to_config(), "config": config_dict(config)})
+            shards = archive.complete_shards()
+        except (ValueError, FileNotFoundError) as exc:  # ArchiveReadError, OutputConflictError
+            raise RestoreConfigError(str(exc)) from None
+        if not shards:
+            raise RestoreConfigError(f"{archive.url} has no complete shard (no _manifest/done/*.json)")
+        manifest = Manifest(out)
+        done_before = manifest.done_shards()
+        pending = [s for s in shards if s.shard_id not in done_before]
+        plan = ArchivePlan(pending, factory, out, config, job.max_shard_retries,  # type: ignore[arg-type]
+                           work=restore_shard, kind="restore")
+        progress = progress or NullProgress()
+        progress.verb = "restoring"  # type: ignore[attr-defined]
+        progress.start(len(pending), len(shards) - len(pending))
+        try:
+            result = (executor or make_executor(job)).run(plan, progress)  # type: ignore[arg-type]
+        except LeaseLostError:
+            raise
+        except FatalShardError as exc:
+            raise RestoreConfigError(str(exc)) from None
+        finally:
+            progress.close()
+        skipped = [s.shard_id for s in shards if s.shard_id in done_before]
+        earlier = manifest.read_done(skipped) if skipped else []
+        summary = build_summary(job, run_id, started_at, time.perf_counter() - t0, len(shards),  # type: ignore[arg-type]
+                                result, earlier)
+        all_stats = list(result.done) + list(earlier)
+        summary["archive"] = archive.url
+        summary["format"] = job.format
+        summary["images"]["not_archived"] = sum(int(s.extra.get("not_archived", 0)) for s in all_stats)
+        summary["failed_keys"], summary["failed_keys_truncated"] = summarize_failed_keys(all_stats)
+        lease.raise_if_lost()
+        summary["lease"] = lease.describe()
+        summary["summary_url"] = manifest.write_summary(summary)
     return RestoreOutcome(summary["exit_code"], summary)
 
 
@@ -306,6 +320,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="streams decoded together (only streams of one padded size share a batch)")
     add_tile_batch_option(p)
     p.add_argument("--max-shard-retries", type=int, default=2)
+    add_break_lease_option(p)
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="always draw bars")
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="never draw bars")
@@ -318,7 +333,8 @@ def common_job_options(args: argparse.Namespace) -> dict[str, Any]:
         storage_options=args.storage_options, batch_size=args.batch_size,
         max_shard_retries=args.max_shard_retries, device=args.device,
         compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
-        tile_batch=args.tile_batch, ray_address=args.ray_address, progress=args.progress)
+        tile_batch=args.tile_batch, ray_address=args.ray_address, progress=args.progress,
+        break_lease=bool(getattr(args, "break_lease", False)))
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -345,6 +361,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     except RestoreConfigError as exc:
         print(f"rdeic restore: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LEASE_ERRORS as exc:
+        print(f"rdeic restore: error: {exc}", file=sys.stderr)
+        return EXIT_LEASE
     except ExecutorStartError as exc:
         print(f"rdeic restore: error: no shard processed: {exc}", file=sys.stderr)
         return EXIT_SHARDS_FAILED

@@ -6,7 +6,8 @@
 Storage artifacts are the truth (docs/archive-format.md), so this works the same for a job that
 is running, was stopped, or finished, wherever it ran (laptop, Ray cluster, KubeRay): it reads
 ``run.json`` (codec), ``job.yaml`` (the latest run's resolved settings: its inputs give the
-total), the done and failed markers under ``_manifest/`` and the latest run summary.
+total), the done and failed markers under ``_manifest/``, the latest run summary and the output's
+lease (``_lease.json``: which job, if any, is writing there now).
 
 Printed: shards done/failed/pending, images (ok/failed, by reason), bytes (source, bitstreams,
 Parquet), mean bpp over archived images, throughput and an ETA while work is pending.
@@ -79,6 +80,7 @@ def collect_status(output: str, storage_options: dict[str, Any] | None = None,
                    count_inputs: bool = True) -> dict[str, Any]:
     """Progress of the archive job at ``output`` (see the module doc); raises NoJobError."""
     from pipeline import storage
+    from pipeline.lease import read_lease
     from pipeline.manifest import MANIFEST_DIR, RUN_FILE, Manifest, OutputLocation
 
     out = OutputLocation(output, storage_options or {})
@@ -93,6 +95,7 @@ def collect_status(output: str, storage_options: dict[str, Any] | None = None,
     if run is None and not done and not failed:
         raise NoJobError(f"no archive job at {out.url} (no {RUN_FILE}, no markers under {MANIFEST_DIR}/)")
     summary = _read_json(out.fs, out.path(MANIFEST_DIR, "summary.json"))
+    lease = read_lease(out)
 
     total, total_note = None, None
     if count_inputs:
@@ -143,6 +146,8 @@ def collect_status(output: str, storage_options: dict[str, Any] | None = None,
                           for f in failed],
         "last_run": ({k: summary.get(k) for k in ("run_id", "started_at", "finished_at", "exit_code")}
                      if summary else None),
+        "lease": ({k: lease.get(k) for k in ("owner", "job", "run_id", "host", "pid", "started", "heartbeat",
+                                            "expires", "released", "free_because")} if lease else None),
     }
 
 
@@ -179,6 +184,12 @@ def format_status(s: dict[str, Any]) -> str:
     if s["last_run"]:
         r = s["last_run"]
         lines.append(f"  last completed run: {r['run_id']} finished {r['finished_at']} (exit {r['exit_code']})")
+    lease = s.get("lease")
+    if lease and lease.get("free_because") is None:
+        lines.append(f"  writing now: {lease['job']} run {lease['run_id']} on {lease['host']} (pid {lease['pid']}), "
+                     f"last heartbeat {lease['heartbeat']}, lease until {lease['expires']}")
+    elif lease:
+        lines.append(f"  no job holds the output's lease ({lease['free_because']}; last holder {lease.get('owner')})")
     for f in s["failed_shards"]:
         lines.append(f"  FAILED shard {f['shard_id']} after {f['attempts']} attempt(s): {f['error']}")
     return "\n".join(lines)

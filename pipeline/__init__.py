@@ -7,6 +7,8 @@ an ``pipeline.encoder.Encoder``) and nothing of Ray outside ``pipeline/executors
     images.py   bytes -> RGB or a reason      batching.py images -> bounded batches
     runner.py   process_shard: the unit       writer.py   records -> Parquet (explicit schema)
     manifest.py output layout, run.json, done markers      storage.py  fsspec, atomic writes
+    lease.py    one live job per output prefix (_lease.json)  retry.py  --retry-failed: transient rows redone
+    failures.py which failures are transient (rows, shard attempts)
     executors/  local.py, ray.py              progress.py tqdm bars
 
 The decode side (docs/restore-audit.md) runs on the same executors with its own work functions:

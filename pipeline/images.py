@@ -105,12 +105,16 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         except ImageInputError as exc:
             raise SampleFailure("unsupported_mode", f"mode {mode!r}: {exc}") from None
         except _DECODE_ERRORS as exc:
-            raise SampleFailure("corrupt_image", f"converting mode {mode!r}: {type(exc).__name__}: {exc}") from None
+            reason = "out_of_memory" if isinstance(exc, MemoryError) else "corrupt_image"
+            raise SampleFailure(reason, f"converting mode {mode!r}: {type(exc).__name__}: {exc}") from None
     return DecodedImage(pixels=pixels, mode=mode, exif_orientation=orientation)
 
 
 def _reason_for(exc: BaseException) -> str:
-    """Pillow reports data that ends early as OSError/EOFError mentioning truncation."""
+    """Pillow reports data that ends early as OSError/EOFError mentioning truncation; a MemoryError is
+    the worker's trouble, not the image's (``out_of_memory``, retried by ``--retry-failed``)."""
+    if isinstance(exc, MemoryError):
+        return "out_of_memory"
     truncated = isinstance(exc, EOFError) or (isinstance(exc, OSError) and "truncated" in str(exc).lower())
     return "truncated_image" if truncated else "corrupt_image"
 

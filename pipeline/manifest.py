@@ -7,10 +7,13 @@ Layout under the output URL (docs/archive-format.md)::
     _manifest/done/<shard>.json       the shard's stats; written LAST, so it means "archive complete"
     _manifest/failed/<shard>.json     last error of a shard that failed after its retries
     _manifest/runs/<started>-<id>.json summary of each invocation; _manifest/summary.json = latest
+    _lease.json                       which live job may write here (``pipeline.lease``)
 
 Storage artifacts are the truth: a shard is done exactly when its marker exists; a Parquet file
 without a marker is a leftover of an interrupted attempt and gets overwritten by the redo. The
 codec fingerprint in ``run.json`` is compared on every run, so one prefix never mixes codecs.
+While a job holds the prefix's lease, every marker and summary write first checks that it still
+does (:meth:`OutputLocation.check_lease`), so a job that lost the prefix to another stops writing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .writer import ARCHIVE_FORMAT, FORMAT_VERSION
 ARCHIVE_DIR = "archive"
 MANIFEST_DIR = "_manifest"
 RUN_FILE = "run.json"
+LEASE_FILE = "_lease.json"
 
 
 class OutputConflictError(ValueError):
@@ -48,12 +52,25 @@ class OutputLocation:
         self.storage_options = dict(storage_options or {})
         self._fs: fsspec.AbstractFileSystem | None = None
         self._root: str | None = None
+        # The job's hold on the prefix (a pipeline.lease.LeaseRef), set by the driver while it holds
+        # the lease; it travels with the location to every worker.
+        self.lease: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "storage_options": self.storage_options}
+        return {"url": self.url, "storage_options": self.storage_options, "lease": self.lease}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+        self.lease = state.get("lease")
+
+    def check_lease(self) -> None:
+        """Raise ``pipeline.lease.LeaseLostError`` when this job's lease has passed to another job.
+
+        A no-op without a lease (tests, tools). One small read per call: called before each
+        shard's output and marker writes, not per row.
+        """
+        if self.lease is not None:
+            self.lease.check(self)
 
     def __repr__(self) -> str:
         return f"OutputLocation({self.url!r})"
@@ -83,6 +100,9 @@ class OutputLocation:
 
     def failed_path(self, shard_id: str) -> str:
         return self.path(MANIFEST_DIR, "failed", f"{shard_id}.json")
+
+    def lease_path(self) -> str:
+        return self.path(LEASE_FILE)
 
 
 def _dump(obj: Any) -> bytes:
@@ -166,11 +186,13 @@ class Manifest:
 
     def mark_done(self, stats: ShardStats) -> None:
         """Write the done marker (after the archive!) and drop a stale failure marker."""
+        self.out.check_lease()
         storage.write_bytes_atomic(self.out.fs, self.out.done_path(stats.shard_id), _dump(stats.to_dict()))
         storage.remove_if_exists(self.out.fs, self.out.failed_path(stats.shard_id))
 
     def mark_failed(self, shard_id: str, url: str, error: str, attempts: int) -> None:
         record = {"shard_id": shard_id, "url": url, "error": error, "attempts": attempts, "at": utc_now()}
+        self.out.check_lease()
         storage.write_bytes_atomic(self.out.fs, self.out.failed_path(shard_id), _dump(record))
 
     def write_summary(self, summary: dict[str, Any]) -> str:
@@ -178,6 +200,7 @@ class Manifest:
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{summary.get('run_id', 'run')}.json"
         data = _dump(summary)
         path = self.out.path(MANIFEST_DIR, "runs", name)
+        self.out.check_lease()
         storage.write_bytes_atomic(self.out.fs, path, data)
         storage.write_bytes_atomic(self.out.fs, self.out.path(MANIFEST_DIR, "summary.json"), data)
         return self.out.to_url(path)

@@ -33,6 +33,7 @@ from typing import Any
 from . import storage
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_PIXELS, Batch, Batcher, PendingImage
 from .encoder import Encoder
+from .failures import TRANSIENT, is_out_of_memory, shard_error_class
 from .images import DEFAULT_MAX_PIXELS, SampleFailure, decode_image, image_extension
 from .manifest import Manifest, OutputLocation, utc_now
 from .reader import DEFAULT_MAX_MEMBER_BYTES, ShardReader
@@ -47,8 +48,9 @@ class FatalShardError(RuntimeError):
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether retrying the shard could help: not for missing/forbidden inputs or fatal errors."""
-    return not isinstance(exc, (FatalShardError, FileNotFoundError, PermissionError, IsADirectoryError))
+    """Whether retrying the shard could help: not for missing/forbidden inputs or fatal errors
+    (the classes of every failure: ``pipeline.failures``)."""
+    return not isinstance(exc, FatalShardError) and shard_error_class(exc) == TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,11 @@ class _Producer(threading.Thread):
 
     _END = object()
 
-    def __init__(self, shard: ShardRef, reader: ShardReader, config: ShardConfig, fingerprint: str) -> None:
+    def __init__(self, shard: ShardRef, reader: ShardReader, config: ShardConfig, fingerprint: str,
+                 select: frozenset[str] | None = None) -> None:
         super().__init__(name=f"shard-reader-{shard.shard_id}", daemon=True)
         self.shard, self.reader, self.config, self.fingerprint = shard, reader, config, fingerprint
+        self.select = select  # only these keys become records (a retry); every sample still gets its key
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
         self.stop_event = threading.Event()
         self.seconds = 0.0  # reading + decoding, excluding time blocked on a full queue
@@ -147,6 +151,8 @@ class _Producer(threading.Thread):
                 if self.stop_event.is_set():
                     return
                 record = self._new_record(sample)
+                if self.select is not None and record.key not in self.select:
+                    continue
                 pending = prepare_sample(sample, record, self.config.max_pixels)
                 if record.reason is None and record.key != f"{self.shard.shard_id}/{sample.key}":
                     record.fail("duplicate_key", f"sample key {sample.key!r} already occurred in this shard")
@@ -205,7 +211,12 @@ class _Producer(threading.Thread):
 # ---------------------------------------------------------------------------------------- encoding
 def _is_per_image_error(exc: BaseException) -> bool:
     """Errors that condemn one image, not the worker: bad input values, out of memory for its size."""
-    return isinstance(exc, (ValueError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError"
+    return isinstance(exc, ValueError) or is_out_of_memory(exc)
+
+
+def _fail_image(record: Record, exc: BaseException) -> Record:
+    """``out_of_memory`` (transient: ``--retry-failed`` redoes it) or ``encode_error`` (the codec refused it)."""
+    return record.fail("out_of_memory" if is_out_of_memory(exc) else "encode_error", f"{type(exc).__name__}: {exc}")
 
 
 def _checked(streams: Any, n: int) -> list[bytes]:
@@ -240,7 +251,7 @@ def encode_images(encoder: Encoder, items: Sequence[PendingImage]) -> list[Recor
         if len(items) == 1:
             if not _is_per_image_error(exc):
                 raise
-            return [items[0].record.fail("encode_error", f"{type(exc).__name__}: {exc}")]
+            return [_fail_image(items[0].record, exc)]
     out = []
     for p in items:
         try:
@@ -248,27 +259,31 @@ def encode_images(encoder: Encoder, items: Sequence[PendingImage]) -> list[Recor
         except Exception as exc:  # noqa: BLE001
             if not _is_per_image_error(exc):
                 raise
-            out.append(p.record.fail("encode_error", f"{type(exc).__name__}: {exc}"))
+            out.append(_fail_image(p.record, exc))
     return out
 
 
 # ---------------------------------------------------------------------------------------- the unit
-def process_shard(shard: ShardRef, encoder: Encoder, out: OutputLocation, config: ShardConfig, *,
-                  attempt: int = 1, worker: str = "", progress: ProgressFn | None = None) -> ShardStats:
-    """Archive one shard (see the module doc); returns the stats also written as its done marker.
-
-    Raises:
-        FatalShardError: the encoder is not the codec the run expects.
-        FileNotFoundError: the shard does not exist.
-        StorageReadError / other exceptions: the attempt failed as a whole; retrying may help.
-    """
+def check_encoder(encoder: Encoder, config: ShardConfig, worker: str = "") -> str:
+    """The encoder's fingerprint (hex); FatalShardError when it is not the codec the run expects."""
     fingerprint = encoder.fingerprint.hex()
     if config.expected_fingerprint and fingerprint != config.expected_fingerprint:
         raise FatalShardError(f"worker {worker or '?'} loaded codec {fingerprint}, but the run expects "
                               f"{config.expected_fingerprint}; is the model directory the same on every node?")
-    started, t0 = utc_now(), time.perf_counter()
+    return fingerprint
+
+
+def encode_shard(shard: ShardRef, encoder: Encoder, config: ShardConfig, *, select: frozenset[str] | None = None,
+                 progress: ProgressFn | None = None) -> tuple[list[Record], ShardReader, dict[str, float]]:
+    """Read the shard (decoding on a thread of its own) and encode its images.
+
+    Returns one record per sample, or per sample whose key is in ``select`` (every sample is still
+    read, so keys are given exactly as the first run gave them), the reader (damage, bytes read)
+    and the seconds spent reading/decoding, encoding and waiting for the reader.
+    """
+    fingerprint = encoder.fingerprint.hex()
     reader = ShardReader(shard.url, config.storage_options, config.max_member_bytes)
-    producer = _Producer(shard, reader, config, fingerprint)
+    producer = _Producer(shard, reader, config, fingerprint, select)
     records: list[Record] = []
     encode_s = wait_s = 0.0
     producer.start()
@@ -289,6 +304,22 @@ def process_shard(shard: ShardRef, encoder: Encoder, out: OutputLocation, config
                 progress(len(records))
     finally:
         producer.stop()
+    return records, reader, {"read_decode": producer.seconds, "encode": encode_s, "wait_for_reader": wait_s}
+
+
+def process_shard(shard: ShardRef, encoder: Encoder, out: OutputLocation, config: ShardConfig, *,
+                  attempt: int = 1, worker: str = "", progress: ProgressFn | None = None) -> ShardStats:
+    """Archive one shard (see the module doc); returns the stats also written as its done marker.
+
+    Raises:
+        FatalShardError: the encoder is not the codec the run expects, or the run lost the output's
+            lease to another job (``pipeline.lease.LeaseLostError``: nothing is written then).
+        FileNotFoundError: the shard does not exist.
+        StorageReadError / other exceptions: the attempt failed as a whole; retrying may help.
+    """
+    fingerprint = check_encoder(encoder, config, worker)
+    started, t0 = utc_now(), time.perf_counter()
+    records, reader, timing = encode_shard(shard, encoder, config, progress=progress)
 
     t_write = time.perf_counter()
     metadata = dict(config.metadata)
@@ -301,11 +332,12 @@ def process_shard(shard: ShardRef, encoder: Encoder, out: OutputLocation, config
     table = build_table(records, metadata)
     data = to_parquet_bytes(table, config.row_group_size)
     archive = out.archive_path(shard.shard_id)
+    out.check_lease()  # a job that lost the prefix to another must not overwrite that job's file
     storage.write_bytes_atomic(out.fs, archive, data)
     write_s = time.perf_counter() - t_write
 
     total_s = time.perf_counter() - t0
-    stats = _stats(shard, records, out.to_url(archive), fingerprint, config)
+    stats = shard_stats(shard, records, out.to_url(archive), fingerprint, config)
     stats.damage = reader.damage.to_dict() if reader.damage else None
     stats.shard_bytes_read = reader.bytes_read
     if reader.read_recoveries:
@@ -314,15 +346,17 @@ def process_shard(shard: ShardRef, encoder: Encoder, out: OutputLocation, config
     stats.row_groups = -(-len(records) // config.row_group_size)
     stats.attempt, stats.worker, stats.device = attempt, worker, encoder.device
     stats.started_at, stats.finished_at = started, utc_now()
-    stats.seconds = {"total": round(total_s, 3), "read_decode": round(producer.seconds, 3),
-                     "encode": round(encode_s, 3), "wait_for_reader": round(wait_s, 3), "write": round(write_s, 3)}
+    stats.seconds = {"total": round(total_s, 3), "read_decode": round(timing["read_decode"], 3),
+                     "encode": round(timing["encode"], 3), "wait_for_reader": round(timing["wait_for_reader"], 3),
+                     "write": round(write_s, 3)}
     stats.images_per_s = round(len(records) / total_s, 3) if total_s > 0 else 0.0
     Manifest(out).mark_done(stats)
     return stats
 
 
-def _stats(shard: ShardRef, records: list[Record], archive_url: str, fingerprint: str,
-           config: ShardConfig) -> ShardStats:
+def shard_stats(shard: ShardRef, records: Sequence[Record], archive_url: str, fingerprint: str,
+                config: ShardConfig) -> ShardStats:
+    """The counts of a shard's marker (ok/failed, reasons, failed keys, bytes, bpp) from its rows."""
     ok = [r for r in records if r.status == STATUS_OK]
     failed = sorted((r for r in records if r.status != STATUS_OK), key=lambda r: r.key)
     return ShardStats(

@@ -27,7 +27,9 @@ REASONS: dict[str, str] = {
     "unsupported_member": "the tar member is not a regular file (link, device, fifo)",
     "duplicate_key": "the sample key already occurred earlier in the same shard",
     "shard_damaged": "the shard's tar stream broke while this sample was being read",
-    "encode_error": "the codec refused this image (e.g. out of device memory)",
+    "encode_error": "the codec refused this image (a ValueError: values it cannot encode)",
+    "out_of_memory": "the worker ran out of host or device memory decoding or encoding this image (transient: "
+                     "`rdeic archive --retry-failed` redoes it)",
 }
 
 

@@ -129,10 +129,10 @@ def test_per_image_encode_errors_fail_only_that_image(tmp_path: Path, shard_spec
     stats = process_shard(_shard(tmp_path, spec), encoder, out, _config(tiny_encoder, batch_size=8))
     rows = _rows(out, spec.name)
     one = rows[f"{spec.name}/one_pixel"]
-    assert (one["status"], one["reason"]) == ("failed", "encode_error") and "no room" in one["error"]
+    assert (one["status"], one["reason"]) == ("failed", "out_of_memory") and "no room" in one["error"]
     others_ok = [k for k, e in spec.expect.items() if e.status == "ok" and k != "one_pixel"]
     assert all(rows[f"{spec.name}/{k}"]["status"] == "ok" for k in others_ok)
-    assert stats.failed_by_reason.get("encode_error") == 1
+    assert stats.failed_by_reason.get("out_of_memory") == 1
 
 
 def test_systemic_encode_errors_fail_the_shard_and_leave_nothing(tmp_path: Path, shard_specs, tiny_encoder) -> None:  # noqa: ANN001
