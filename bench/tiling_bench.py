@@ -153,7 +153,7 @@ def scale(model: str, workers: int, steps: int, upto_mp: float | None = None) ->
             r.setdefault("date", stored.get("meta", {}).get("scale", {}).get("date"))
         fresh = {(r["name"], r["crop"]) for r in rows}
         rows = [r for r in old if (r["name"], r["crop"]) not in fresh] + rows
-    _merge("scale", {"model": model, "steps": steps, "workers": workers, "rows": rows})
+    _merge("scale", {"model": model, "steps": steps, "workers": workers, "rows": rows, "upto_mp": upto_mp})
     return rows
 
 
@@ -304,7 +304,9 @@ def report() -> Path:
         rows = [r for r in sc["rows"] if "error" not in r]
         L += [f"## Cost per megapixel, 0.26–16 MP (`{sc['model']}`, S = {sc['steps']})", "",
               f"`python -m bench.tiling_bench scale --model {sc['model']} --workers {sc['workers']}` "
-              f"({data['meta']['scale']['date']}; {sc['workers']} image(s) at a time, each in its own process).", "",
+              + (f"(last run with `--upto-mp {sc['upto_mp']}`: the images up to {sc['upto_mp']} MP re-measured) "
+                 if sc.get("upto_mp") else "")
+              + f"({data['meta']['scale']['date']}; {sc['workers']} image(s) at a time, each in its own process).", "",
               "Wall seconds were taken while other benchmarks shared the machine; the CPU seconds (one thread per",
               "codec process) are what a free core takes and are the figures the ratios below use.", "",
               "'path': whole (within `whole_max_pixels`, every pass untiled) or tiled. Rows are dated: a partial",
