@@ -113,7 +113,9 @@ def ray_address(s3_server: LocalS3) -> Iterator[str]:
 
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 turns token auth on by default
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False,
+    # address="local": always a private instance, never a cluster someone started on this machine
+    # (ray.init() would join it, and refuse num_cpus/num_gpus for a cluster it did not start)
+    ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     try:
         yield ray.get_runtime_context().gcs_address
