@@ -7,15 +7,21 @@ Design (shared/design/ecosystem.md §1.6): plain actors, not Ray Data. Each acto
 resident and runs ``process_shard`` for one shard at a time, so at most ``num_actors`` shards are
 in flight. The driver hands out shards and owns the retry policy:
 
-* an actor that dies (killed, OOM, node lost) is restarted by Ray (``max_restarts``) and its shard
-  goes back to the queue; the dead attempt wrote nothing that counts (marker written last);
+* an actor that dies (killed, OOM, node lost) is restarted by Ray (``max_restarts``) on any node
+  with room for it, and its shard goes back to the queue; the dead attempt wrote nothing that
+  counts (marker written last). Actors are spread over the nodes (``SPREAD``), so losing a node
+  takes out only its share of them. A restart that cannot happen (no node has room) is waited for
+  at most ``restart_timeout_s``; then the actor is given up, and when no actor is left the
+  remaining shards get ``_manifest/failed/`` markers instead of the driver waiting forever;
 * a shard whose attempt raised is retried up to ``max_shard_retries`` times unless the error is
   not retryable (missing input); then it is recorded under ``_manifest/failed/``;
 * a worker that cannot start (bad model path, fingerprint of another model) fails the run at
   start-up, before any shard is handed out.
 
-Progress: workers post ``(shard, images so far)`` to a tiny ``ProgressBoard`` actor; the driver
-polls it while waiting on results.
+Progress: workers post ``(shard, images so far)`` to a tiny ``ProgressBoard`` actor on the
+driver's node; the driver takes the updates posted since its last look, at most every
+``PROGRESS_INTERVAL_S``. Nothing on the board or in the loop grows with the number of finished
+shards, so the driver's cost per shard stays flat (docs/benchmarks.md, "Driver at 20,000 shards").
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ PROGRESS_INTERVAL_S = 0.5
 
 
 class ProgressBoard:
-    """Actor holding the latest progress of every running shard attempt."""
+    """Actor holding the progress posted since the driver last took it (latest per shard)."""
 
     def __init__(self) -> None:
         self._board: dict[str, tuple[int, int, str]] = {}
@@ -52,8 +58,11 @@ class ProgressBoard:
     def report(self, shard_id: str, attempt: int, images: int, worker: str) -> None:
         self._board[shard_id] = (attempt, images, worker)
 
-    def snapshot(self) -> dict[str, tuple[int, int, str]]:
-        return dict(self._board)
+    def take(self) -> dict[str, tuple[int, int, str]]:
+        """The updates since the last call; the board is empty afterwards, so it never outgrows the
+        shards in flight (a snapshot of every shard ever reported made each poll cost O(shards done))."""
+        board, self._board = self._board, {}
+        return board
 
 
 class ShardWorker:
@@ -85,7 +94,8 @@ class ShardWorker:
         import ray
 
         return {"name": self.name, "device": self.encoder.device, "fingerprint": self.encoder.fingerprint.hex(),
-                "pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": list(ray.get_gpu_ids())}
+                "pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": list(ray.get_gpu_ids()),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def process(self, shard: ShardRef, attempt: int) -> dict[str, Any]:
         last = 0.0
@@ -107,6 +117,7 @@ class _Slot:
     name: str
     handle: Any
     deaths: int = 0
+    node: str = ""
 
 
 @dataclass
@@ -123,6 +134,12 @@ class RayExecutor:
             (rdeic_core/numerics.py), so a CPU node is used by one actor per core; every actor holds
             a copy of the model, so raise this for large models on small-memory nodes.
         max_actor_restarts: restarts Ray grants each actor before it is given up.
+        restart_timeout_s: how long to wait for a dead actor to come back (Ray restarts it on any
+            node with a free slot; after a lost node, possibly only once the cluster has grown back).
+            An actor not back by then is given up; with no actor left, the shards still pending are
+            recorded as failed (exit status 1, and a rerun does them).
+        spread: place the actors with Ray's ``SPREAD`` strategy (over all nodes, so a lost node
+            takes out only its share) instead of Ray's default packing.
         device: passed to the encoder factory (``auto``: CUDA when the actor sees a GPU).
         start_timeout_s: how long to wait for all actors to load the model.
         init_kwargs: extra ``ray.init`` arguments when this executor starts Ray itself.
@@ -134,6 +151,8 @@ class RayExecutor:
     cpus_per_actor: float = 1.0
     cpu_actor_cpus: float = 1.0
     max_actor_restarts: int = 3
+    restart_timeout_s: float = 600.0
+    spread: bool = True
     device: str = "auto"
     start_timeout_s: float = 900.0
     init_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +192,8 @@ class RayExecutor:
         worker_cls = ray.remote(ShardWorker)
         options = {"num_cpus": cpus, "num_gpus": 1 if use_gpus else 0,
                    "max_restarts": self.max_actor_restarts, "max_task_retries": 0}
+        if self.spread:
+            options["scheduling_strategy"] = "SPREAD"
         slots = []
         for i in range(n):
             name = f"rdeic-{plan.kind}-{token}-{i}"
@@ -199,13 +220,15 @@ class RayExecutor:
             ) from None
         except ray.exceptions.RayError as exc:
             raise ExecutorStartError(f"a worker actor failed to start: {exc}") from None
-        for info in infos:
+        for slot, info in zip(slots, infos):
             if plan.config.expected_fingerprint and info["fingerprint"] != plan.config.expected_fingerprint:
                 raise FatalShardError(
                     f"worker {info['name']} on {info['host']} loaded codec {info['fingerprint']}, but the run "
                     f"expects {plan.config.expected_fingerprint}; is the model the same on every node?")
-            log.info("worker %s ready on %s (pid %s, device %s, gpus %s)",
-                     info["name"], info["host"], info["pid"], info["device"], info["gpu_ids"])
+            slot.node = info.get("node", "")
+            log.info("worker %s ready on %s (node %s, pid %s, device %s, gpus %s)",
+                     info["name"], info["host"], slot.node, info["pid"], info["device"], info["gpu_ids"],
+                     extra={"event": "worker_ready", "worker": info["name"], "node": slot.node})
 
     # ------------------------------------------------------------------ driver loop
     def _run(self, ray: Any, plan: ArchivePlan, progress: ProgressSink) -> RunResult:
@@ -213,14 +236,15 @@ class RayExecutor:
         book = RetryBook(plan, progress, result)
         token = uuid.uuid4().hex[:8]
         board_name = f"rdeic-{plan.kind}-{token}-progress"
-        board = ray.remote(ProgressBoard).options(num_cpus=0, name=board_name).remote()
+        board = self._start_board(ray, board_name)
         pending: deque[ShardRef] = deque(plan.shards)
         in_flight: dict[Any, tuple[ShardRef, _Slot, int]] = {}
-        recovering: dict[Any, _Slot] = {}  # readiness probes of actors Ray is restarting
+        recovering: dict[Any, tuple[_Slot, float]] = {}  # readiness probes of restarting actors, with deadlines
         slots: list[_Slot] = []
         try:
             slots = self._start_actors(ray, plan, token, board_name)
             idle: deque[_Slot] = deque(slots)
+            next_poll = time.monotonic() + PROGRESS_INTERVAL_S
             while pending or in_flight:
                 while idle and pending:
                     shard, slot = pending.popleft(), idle.popleft()
@@ -231,7 +255,7 @@ class RayExecutor:
                 ready, _ = ray.wait([*in_flight, *recovering], num_returns=1, timeout=PROGRESS_INTERVAL_S)
                 for ref in ready:
                     if ref in recovering:
-                        self._recovered(ray, ref, recovering.pop(ref), idle)
+                        self._recovered(ray, ref, recovering.pop(ref)[0], idle)
                         continue
                     shard, slot, attempt = in_flight.pop(ref)
                     if self._collect(ray, ref, shard, slot, book, pending):
@@ -239,27 +263,64 @@ class RayExecutor:
                     elif slot.deaths <= self.max_actor_restarts:
                         # Calls to a restarting actor fail at once; a probe that Ray retries
                         # through the restart tells when it can take a shard again.
-                        recovering[slot.handle.ready.options(max_task_retries=-1).remote()] = slot
+                        probe = slot.handle.ready.options(max_task_retries=-1).remote()
+                        recovering[probe] = (slot, time.monotonic() + self.restart_timeout_s)
                     else:
                         log.warning("worker %s died %d times; not using it any more", slot.name, slot.deaths)
-                self._poll_progress(ray, board, in_flight, progress)
+                now = time.monotonic()
+                if recovering:
+                    self._give_up_late_restarts(ray, recovering, now)
+                if now >= next_poll:  # not per result: a poll is a round trip to the board
+                    self._poll_progress(ray, board, in_flight, progress)
+                    next_poll = now + PROGRESS_INTERVAL_S
         finally:
             for slot in slots:
                 ray.kill(slot.handle, no_restart=True)
             ray.kill(board, no_restart=True)
         for shard in pending:
-            book.give_up(shard, "no worker actor left (all exhausted their restarts)")
+            book.give_up(shard, "no worker actor left (restarts exhausted, or not restarted within "
+                                f"{self.restart_timeout_s:.0f}s)")
         return result
+
+    @staticmethod
+    def _start_board(ray: Any, board_name: str) -> Any:
+        """The progress board, on the driver's own node (soft): a board on a node that is lost
+        would stall every poll until Ray declares the node dead."""
+        options: dict[str, Any] = {"num_cpus": 0, "name": board_name}
+        try:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        except Exception as exc:  # noqa: BLE001 - Ray Client drivers have no node of their own
+            log.debug("progress board not pinned to the driver's node: %s", exc)
+        return ray.remote(ProgressBoard).options(**options).remote()
 
     @staticmethod
     def _recovered(ray: Any, ref: Any, slot: _Slot, idle: deque[_Slot]) -> None:
         try:
-            ray.get(ref)
+            info = ray.get(ref)
         except ray.exceptions.RayError as exc:
             log.warning("worker %s did not come back: %s", slot.name, str(exc).splitlines()[0] if str(exc) else exc)
             return
-        log.info("worker %s is back after a restart", slot.name)
+        was, slot.node = slot.node, info.get("node", "")
+        log.info("worker %s is back after a restart, on node %s (was on %s)", slot.name, slot.node, was,
+                 extra={"event": "worker_back", "worker": slot.name, "node": slot.node, "was_on": was})
         idle.append(slot)
+
+    def _give_up_late_restarts(self, ray: Any, recovering: dict[Any, tuple[_Slot, float]], now: float) -> None:
+        """Stop waiting for actors whose restart is overdue (no node has room for them)."""
+        for ref, (slot, deadline) in list(recovering.items()):
+            if now < deadline:
+                continue
+            del recovering[ref]
+            log.warning("worker %s was not restarted within %.0fs (does any live node have room for it?); "
+                        "not using it any more", slot.name, self.restart_timeout_s,
+                        extra={"event": "worker_given_up", "worker": slot.name})
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - best effort: it may be gone already
+                log.debug("killing %s failed: %s", slot.name, exc)
 
     def _collect(self, ray: Any, ref: Any, shard: ShardRef, slot: _Slot, book: RetryBook,
                  pending: deque[ShardRef]) -> bool:
@@ -286,10 +347,12 @@ class RayExecutor:
     def _poll_progress(ray: Any, board: Any, in_flight: dict[Any, tuple[ShardRef, _Slot, int]],
                        progress: ProgressSink) -> None:
         try:
-            snapshot = ray.get(board.snapshot.remote(), timeout=10)
+            updates = ray.get(board.take.remote(), timeout=10)
         except ray.exceptions.RayError:
             return  # progress is best effort
+        if not updates:
+            return
         running = {shard.shard_id: attempt for shard, _, attempt in in_flight.values()}
-        for shard_id, (attempt, images, worker) in snapshot.items():
+        for shard_id, (attempt, images, worker) in updates.items():
             if running.get(shard_id) == attempt:
                 progress.shard_progress(shard_id, images, worker)
