@@ -37,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import storage
 from pipeline.batching import DEFAULT_BATCH_SIZE
-from pipeline.executors.base import ArchivePlan, ExecutorStartError, RunResult, ShardFailure
+from pipeline.executors.base import ArchivePlan, ExecutorStartError, RunResult, ShardFailure, run_plan
 from pipeline.failures import may_have_transient
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.lease import LeaseContendedError, LeaseHeldError, LeaseLostError, OutputLease
@@ -45,7 +45,7 @@ from pipeline.manifest import Manifest, OutputConflictError, OutputLocation, utc
 from pipeline.progress import NullProgress, ProgressSink
 from pipeline.reader import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.retry import archive_or_retry
-from pipeline.runner import FatalShardError, ShardConfig, process_shard
+from pipeline.runner import ShardConfig, process_shard
 from pipeline.shards import expand_inputs
 from pipeline.types import ShardRef, ShardStats
 from pipeline.writer import DEFAULT_ROW_GROUP_SIZE
@@ -209,14 +209,7 @@ def run_archive(job: ArchiveJob, progress: ProgressSink | None = None, executor:
                            work=archive_or_retry if job.retry_failed else process_shard)
         progress = progress or NullProgress()
         progress.start(len(pending) + len(retry), len(shards) - len(pending) - len(retry))
-        try:
-            result = (executor or make_executor(job)).run(plan, progress)
-        except LeaseLostError:
-            raise
-        except FatalShardError as exc:
-            raise ArchiveConfigError(str(exc)) from None
-        finally:
-            progress.close()
+        result = run_plan((executor or make_executor(job)), plan, progress, ArchiveConfigError)
         lease.raise_if_lost()
         retried = {s.shard_id for s in retry}
         fresh = RunResult(done=[s for s in result.done if s.shard_id not in retried],

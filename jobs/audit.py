@@ -41,14 +41,13 @@ from pipeline.audit import (
     audit_shard,
     summarize,
 )
-from pipeline.executors.base import ArchivePlan, ExecutorStartError
+from pipeline.executors.base import ArchivePlan, ExecutorStartError, run_plan
 from pipeline.manifest import Manifest, OutputLocation, utc_now
 from pipeline.metrics import DEFAULT_FID_PATCH, PERCEPTUAL_METRICS, find_weights
 from pipeline.progress import NullProgress, ProgressSink
 from pipeline.report import write_report
 from pipeline.restore import DEFAULT_DECODE_BATCH, ensure_job_file
-from pipeline.lease import LeaseLostError, OutputLease
-from pipeline.runner import FatalShardError
+from pipeline.lease import OutputLease
 from pipeline.shards import expand_inputs
 
 from .archive import (
@@ -186,14 +185,7 @@ def run_audit(job: AuditJob, progress: ProgressSink | None = None, executor: Any
         progress = progress or NullProgress()
         progress.verb = "auditing"  # type: ignore[attr-defined]
         progress.start(len(pending), len(planned) - len(pending))
-        try:
-            result = (executor or _make_executor(job)).run(plan, progress)
-        except LeaseLostError:
-            raise
-        except FatalShardError as exc:
-            raise AuditConfigError(str(exc)) from None
-        finally:
-            progress.close()
+        result = run_plan((executor or _make_executor(job)), plan, progress, AuditConfigError)
         skipped = [s.shard_id for s in planned if s.shard_id in done_before]
         earlier = manifest.read_done(skipped) if skipped else []
         run_summary = build_summary(job, run_id, started_at, time.perf_counter() - t0,  # type: ignore[arg-type]

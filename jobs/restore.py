@@ -33,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from pipeline import storage
 from pipeline.archives import ArchiveLocation
 from pipeline.decoder import RejectedStream, StreamDecodeError, StreamInfo
-from pipeline.executors.base import ArchivePlan, ExecutorStartError
+from pipeline.executors.base import ArchivePlan, ExecutorStartError, run_plan
 from pipeline.manifest import Manifest, OutputLocation, utc_now
 from pipeline.progress import NullProgress, ProgressSink
 from pipeline.restore import (
@@ -45,8 +45,7 @@ from pipeline.restore import (
     restore_settings,
     restore_shard,
 )
-from pipeline.lease import LeaseLostError, OutputLease
-from pipeline.runner import FatalShardError
+from pipeline.lease import OutputLease
 
 from .archive import (
     EXECUTORS,
@@ -250,14 +249,7 @@ def run_restore(job: RestoreJob, progress: ProgressSink | None = None, executor:
         progress = progress or NullProgress()
         progress.verb = "restoring"  # type: ignore[attr-defined]
         progress.start(len(pending), len(shards) - len(pending))
-        try:
-            result = (executor or make_executor(job)).run(plan, progress)  # type: ignore[arg-type]
-        except LeaseLostError:
-            raise
-        except FatalShardError as exc:
-            raise RestoreConfigError(str(exc)) from None
-        finally:
-            progress.close()
+        result = run_plan((executor or make_executor(job)), plan, progress, RestoreConfigError)
         skipped = [s.shard_id for s in shards if s.shard_id in done_before]
         earlier = manifest.read_done(skipped) if skipped else []
         summary = build_summary(job, run_id, started_at, time.perf_counter() - t0, len(shards),  # type: ignore[arg-type]

@@ -5,6 +5,6 @@ Both share :class:`~pipeline.executors.base.ArchivePlan` in and
 changes. Ray is imported only inside ``pipeline/executors/ray.py``.
 """
 
-from .base import ArchivePlan, ExecutorStartError, RunResult, ShardFailure
+from .base import ArchivePlan, ExecutorStartError, RunResult, ShardFailure, run_plan
 
-__all__ = ["ArchivePlan", "ExecutorStartError", "RunResult", "ShardFailure"]
+__all__ = ["ArchivePlan", "ExecutorStartError", "RunResult", "ShardFailure", "run_plan"]

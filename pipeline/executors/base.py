@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..encoder import EncoderFactory
+from ..lease import LeaseLostError
 from ..manifest import Manifest, OutputLocation
 from ..progress import ProgressSink
-from ..runner import ShardConfig, process_shard
+from ..runner import FatalShardError, ShardConfig, process_shard
 from ..types import ShardRef, ShardStats
 
 
@@ -110,3 +111,20 @@ class RetryBook:
         attempts = self.attempts.get(shard.shard_id, 0)
         self.result.failed.append(ShardFailure(shard.shard_id, shard.url, error, attempts))
         self.manifest.mark_failed(shard.shard_id, shard.url, error, attempts)
+
+
+def run_plan(executor: Any, plan: Any, progress: ProgressSink, config_error: Callable[[str], Exception]) -> RunResult:
+    """Run ``plan`` on ``executor`` and close ``progress``, for every job alike.
+
+    A fatal shard error (a worker that cannot start: bad model path, another model's fingerprint)
+    is the job's configuration error, raised as ``config_error(message)``; a lost output lease is a
+    fatal shard error too, but the job reports it itself (exit 75), so it passes through.
+    """
+    try:
+        return executor.run(plan, progress)
+    except LeaseLostError:
+        raise
+    except FatalShardError as exc:
+        raise config_error(str(exc)) from None
+    finally:
+        progress.close()
