@@ -224,8 +224,7 @@ def run_archive(job: ArchiveJob, progress: ProgressSink | None = None, executor:
                                                     [f for f in result.failed if f.shard_id in retried])
             if summary["retry_failed"]["failed_shards"]:
                 summary["exit_code"] = EXIT_SHARDS_FAILED
-        summary["lease"] = lease.describe()
-        summary["summary_url"] = manifest.write_summary(summary)
+        lease.write_summary(manifest, summary)
     return ArchiveOutcome(summary["exit_code"], summary)
 
 

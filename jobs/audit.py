@@ -192,9 +192,7 @@ def run_audit(job: AuditJob, progress: ProgressSink | None = None, executor: Any
                                     len(planned), result, earlier)
         all_stats = list(result.done) + list(earlier)
         run_summary["failed_keys"], run_summary["failed_keys_truncated"] = summarize_failed_keys(all_stats)
-        lease.raise_if_lost()
-        run_summary["lease"] = lease.describe()
-        run_summary["summary_url"] = manifest.write_summary(run_summary)
+        lease.write_summary(manifest, run_summary)
 
         driver_missing = {m: list(s.missing) for m, s in find_weights(job.perceptual).items() if not s.available}
         header = {

@@ -23,10 +23,9 @@ import numpy as np
 
 from pipeline.encoder import CodecIdentity
 
+from .config import TILE_BATCH_HELP
+
 MODEL_CONFIG_FILE = "config.json"
-TILE_BATCH_HELP = ("tiles (or one-tile images) per network pass: bounds codec memory; does not change which pixels "
-                   "are computed, but, like --batch-size, batch composition can move a few pixels by one level "
-                   "(default: the codec's own)")
 VERSIONED_PACKAGES = ("rdeic-archive", "torch", "diffusers", "compressai", "numpy", "pillow", "pyarrow",
                       "fsspec", "s3fs", "ray")
 

@@ -178,8 +178,10 @@ _EXECUTORS = ("ray", "local")
 # --tile-batch (jobs.codec.add_tile_batch_option): codec.tiling.batch of every worker's codec
 _BREAK_LEASE_HELP = ("take the output's lease even from a job that has not released it and whose lease has not "
                      "expired: only when that job is known to be dead (never saved in job.yaml)")
-_TILE_BATCH_HELP = ("tiles (or one-tile images) per network pass: bounds codec memory; does not change which "
-                    "pixels are computed (default: the codec's)")
+# one text for the --tile-batch flag (jobs.codec) and the tile_batch key of every job spec
+TILE_BATCH_HELP = ("tiles (or whole images) per network pass: bounds codec memory; does not change which pixels "
+                   "are computed, but, like --batch-size, batch composition can move a few pixels by one level "
+                   "(default: the codec's own)")
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ class ArchiveSpec:
     device: str | None = spec_field("auto, cpu, cuda, cuda:N")
     compute_dtype: str | None = spec_field("VAE/UNet dtype on GPU", choices=("float32", "bfloat16", "float16"))
     batch_size: int | None = spec_field("images per encoder batch", min=1)
-    tile_batch: int | None = spec_field(_TILE_BATCH_HELP, min=1)
+    tile_batch: int | None = spec_field(TILE_BATCH_HELP, min=1)
     max_pixels: int | None = spec_field("larger images are recorded as failed (too_large)", min=1)
     max_member_bytes: int | None = spec_field("larger tar members are skipped (member_too_large)", min=1)
     row_group_size: int | None = spec_field("Parquet rows per row group", min=1)
@@ -222,7 +224,7 @@ class _DecodeJobSpec:
     device: str | None = spec_field("auto, cpu, cuda, cuda:N")
     compute_dtype: str | None = spec_field("VAE/UNet dtype on GPU", choices=("float32", "bfloat16", "float16"))
     batch_size: int | None = spec_field("bitstreams decoded together", min=1)
-    tile_batch: int | None = spec_field(_TILE_BATCH_HELP, min=1)
+    tile_batch: int | None = spec_field(TILE_BATCH_HELP, min=1)
     max_shard_retries: int | None = spec_field("retries of a failed shard attempt", min=0)
     break_lease: bool | None = spec_field(_BREAK_LEASE_HELP)
     progress: bool | None = spec_field("draw progress bars (default: only on a terminal)")

@@ -259,9 +259,7 @@ def run_restore(job: RestoreJob, progress: ProgressSink | None = None, executor:
         summary["format"] = job.format
         summary["images"]["not_archived"] = sum(int(s.extra.get("not_archived", 0)) for s in all_stats)
         summary["failed_keys"], summary["failed_keys_truncated"] = summarize_failed_keys(all_stats)
-        lease.raise_if_lost()
-        summary["lease"] = lease.describe()
-        summary["summary_url"] = manifest.write_summary(summary)
+        lease.write_summary(manifest, summary)
     return RestoreOutcome(summary["exit_code"], summary)
 
 

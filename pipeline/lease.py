@@ -58,7 +58,7 @@ from typing import Any, Protocol
 import fsspec
 
 from . import storage
-from .manifest import OutputLocation
+from .manifest import Manifest, OutputLocation
 from .runner import FatalShardError
 
 log = logging.getLogger(__name__)
@@ -648,6 +648,13 @@ class OutputLease:
             who = describe_holder(self.lost) if "owner" in self.lost else "the lease object is gone"
             raise LeaseLostError(f"stopped writing into {self.out.url}: this job ({self.owner}) lost its lease "
                                  f"({self.url}): {who}")
+
+    def write_summary(self, manifest: Manifest, summary: dict[str, Any]) -> None:
+        """Store a job's run summary, stamped with this lease: refused (LeaseLostError) once the lease is
+        lost, so a job that was taken over never writes the summary of an output it no longer owns."""
+        self.raise_if_lost()
+        summary["lease"] = self.describe()
+        summary["summary_url"] = manifest.write_summary(summary)
 
     def describe(self) -> dict[str, Any]:
         """For run summaries: who held the lease, how it was kept, whom it was taken from."""

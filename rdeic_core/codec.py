@@ -291,14 +291,14 @@ class RDEICCodec(nn.Module):
         return (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
 
     def _images_per_pass(self, pixels: int, tile_pixels: int) -> int:
-        """One-tile images per network pass: at most max_batch, and no more pixels than ``tiling.batch`` tiles."""
+        """Whole (untiled) images per network pass: at most max_batch, and no more pixels than ``tiling.batch`` tiles."""
         return max(1, min(self.max_batch, self.tiling.batch * tile_pixels // pixels))
 
     def _batches_by_size(self, sizes: Iterable[tuple[int, int]]) -> list[list[int]]:
         """Indices grouped by padded size (one tensor per group), chunked to max_batch.
 
         A chunk also holds at most as many pixels as ``tiling.batch`` encoder tiles, so a batch of
-        one-tile images stays within the memory bound that tiled images keep.
+        whole images stays within the memory bound that tiled images keep.
         """
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, (h, w) in enumerate(sizes):
