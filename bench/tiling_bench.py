@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.metrics import psnr
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "data" / "photos" / "full"
 RESULTS = REPO / "docs" / "benchmarks-tiling.json"
@@ -52,11 +54,6 @@ def _load(name: str, side: int | None = None) -> np.ndarray:
         y, x = (im.shape[0] - side) // 2, (im.shape[1] - side) // 2
         im = np.ascontiguousarray(im[y:y + side, x:x + side])
     return im
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def _merge(key: str, value: object) -> None:
@@ -105,7 +102,7 @@ def one(model: str, name: str, side: int | None, steps: int) -> dict:
             "encode_cpu_s_per_mp": round(enc_cpu / mp, 3), "decode_cpu_s_per_mp": round(dec_cpu / mp, 3),
             "encode_s_per_mp": round(enc / mp, 3), "decode_s_per_mp": round(dec / mp, 3),
             "rss_gib_before": round(base, 3), "rss_gib_after_encode": round(rss_enc, 3), "rss_gib_peak": round(rss, 3),
-            "bpp": round(8 * len(stream) / (mp * 1e6), 4), "psnr": round(_psnr(im, out), 2),
+            "bpp": round(8 * len(stream) / (mp * 1e6), 4), "psnr": round(psnr(im, out), 2),
             "path": _path(codec, stream), "date": _now()}
 
 
@@ -230,8 +227,8 @@ def quality(model: str) -> list[dict]:
                     return float(g[m].mean() / g[~m].mean())
                 row = {"name": name, "side": side, "mp": round(side * side / 1e6, 2), "steps": steps,
                        "bpp_untiled": round(8 * len(s_un) / side**2, 4), "bpp_tiled": round(8 * len(s_ti) / side**2, 4),
-                       "psnr_untiled": round(_psnr(im, ref), 3), "psnr_tiled": round(_psnr(im, out), 3),
-                       "psnr_tiled_vs_untiled": round(_psnr(ref, out), 2),
+                       "psnr_untiled": round(psnr(im, ref), 3), "psnr_tiled": round(psnr(im, out), 3),
+                       "psnr_tiled_vs_untiled": round(psnr(ref, out), 2),
                        "diff_at_edges": round(float(d[mask].mean()), 3), "diff_elsewhere": round(float(d[~mask].mean()), 3),
                        "step_ratio_tiled": round(step_ratio(out), 3), "step_ratio_untiled": round(step_ratio(ref), 3),
                        "decode_s_untiled": round(t_un, 1), "decode_s_tiled": round(t_ti, 1),

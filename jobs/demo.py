@@ -154,11 +154,11 @@ def sample_key(photo: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ job summaries
-def job_stats(name: str, summary: dict[str, Any], images: dict[str, Any] | None = None) -> Any:
+def job_stats(name: str, summary: dict[str, Any]) -> Any:
     """The report's row for one job, failures written out as ``reason=count`` / key / shard lines."""
     from jobs.demo_report import JobStats
 
-    im = images or summary["images"]
+    im = summary["images"]
     failures = [f"{k}={v}" for k, v in (im.get("failed_by_reason") or {}).items()]
     failures += [f"key {k}" for k in (summary.get("failed_keys") or [])[:20]]
     failures += [f"shard {f['shard_id']} after {f['attempts']} attempt(s): {f['error']}"
@@ -448,8 +448,7 @@ def make_report(out: Path, names: list[str], photos: list[Path], splits: dict[st
         "source PNG bytes": f"{src_bytes:,} ({src_bytes / max(n_bytes, 1):,.0f}x the bitstreams)",
         "Parquet files (with keys, CRCs, metadata)": f"{parquet_bytes:,} bytes",
     }
-    jobs = [job_stats(n, summaries[n]) for n in ("archive", "restore")]
-    jobs.append(job_stats("audit", summaries["audit"]))
+    jobs = [job_stats(n, summaries[n]) for n in ("archive", "restore", "audit")]
     notes = []
     unavailable = summaries["audit_report"].get("metrics_unavailable") or {}
     if not perceptual:

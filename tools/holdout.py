@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from photos import load_split  # noqa: E402  (tools/ is not a package)
 PHOTOS = REPO / "data" / "photos"
 RUN = REPO / "runs" / "holdout"
 OUT = REPO / "outputs" / "holdout"
@@ -32,7 +34,7 @@ RATE_POINT = ("mini", 4.0)  # the shipped default rate point
 
 
 def split() -> dict[str, list[str]]:
-    return json.loads((PHOTOS / "split.json").read_text())
+    return load_split(PHOTOS)
 
 
 def test_photos() -> list[str]:
@@ -58,7 +60,6 @@ def prepare_photos() -> Path:
 
 def test768() -> Path:
     """The test photos at the validation size (768x512 / 512x768 centre crop, as tools/photos.py makes val768)."""
-    sys.path.insert(0, str(REPO / "tools"))
     from photos import load_rgb, resize_cover_crop, save_png, val_target_size  # type: ignore[import-not-found]
 
     out = RUN / "test768"

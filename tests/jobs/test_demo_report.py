@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+from jobs.demo import read_parquet_dir
 
 from tests.restore.chromium_cdp import INSTALL_HINT, find_chromium, inspect_page
 
@@ -76,8 +77,7 @@ def test_demo_runs_every_step_and_ends_with_where_the_report_is(demo_run: DemoRu
 def test_every_archived_photo_appears_with_its_restoration(demo_run: DemoRun) -> None:
     from jobs.demo_report import slug
 
-    rows = [r for f in sorted((demo_run.out / "archive" / "archive").glob("*.parquet"))
-            for r in pq.read_table(f).to_pylist()]
+    rows = read_parquet_dir(demo_run.out / "archive" / "archive")
     assert sorted(r["key"].split("/")[1] for r in rows) == sorted(Path(n).stem for n in PHOTOS)
     assert all(r["status"] == "ok" for r in rows)
     html = demo_run.report.read_text()
