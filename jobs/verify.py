@@ -38,7 +38,6 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 from pipeline import storage
@@ -381,11 +380,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from .archive import effective_storage_options
+    from .restore import storage_options_for
 
     # the S3 endpoint from AWS_ENDPOINT_URL(_S3) when the options name none, like the other jobs
-    options = effective_storage_options(SimpleNamespace(inputs=tuple(args.source), output=args.archive,  # type: ignore[arg-type]
-                                                        storage_options=args.storage_options))
+    options = storage_options_for(args.source, args.archive, args.storage_options)
     try:
         if args.max_listed < 0:
             raise VerifyUsageError(f"--max-listed must be >= 0, got {args.max_listed}")

@@ -58,7 +58,7 @@ from typing import Any, Protocol
 import fsspec
 
 from . import storage
-from .manifest import Manifest, OutputLocation
+from .manifest import Manifest, OutputLocation, _dump
 from .runner import FatalShardError
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,6 @@ def settings_from_env() -> tuple[float, float, float]:
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
-
-
-def _dump(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _parse(data: bytes | None) -> dict[str, Any] | None:

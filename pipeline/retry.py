@@ -43,11 +43,9 @@ RETRY_METADATA_KEY = "rdeic.retry"
 
 def archive_or_retry(shard: ShardRef, encoder: Encoder, out: OutputLocation, config: ShardConfig, *,
                      attempt: int = 1, worker: str = "", progress: ProgressFn | None = None) -> ShardStats:
-    """The work function of a ``--retry-failed`` run: a done shard gets :func:`retry_failed_rows`,
-    any other shard is archived from scratch (``process_shard``)."""
-    if storage.exists(out.fs, out.done_path(shard.shard_id)):
-        return retry_failed_rows(shard, encoder, out, config, attempt=attempt, worker=worker, progress=progress)
-    return process_shard(shard, encoder, out, config, attempt=attempt, worker=worker, progress=progress)
+    """The work function of a ``--retry-failed`` run: a done shard gets its failed rows redone, any other
+    shard is archived from scratch (:func:`retry_failed_rows` reads the marker once and decides)."""
+    return retry_failed_rows(shard, encoder, out, config, attempt=attempt, worker=worker, progress=progress)
 
 
 def read_records(data: bytes) -> tuple[list[Record], dict[str, str]]:
