@@ -117,8 +117,7 @@ class _GuardedStream:
         self.source = source
         self.retries = retries
         self.bytes_read = 0
-        self.error: BaseException | None = None  # what ended the stream unrecovered
-        self.failure: StorageReadError | None = None  # the error raised for it
+        self.failure: StorageReadError | None = None  # what ended the stream unrecovered (cause chained)
         self.recoveries = 0  # reopens that let the stream go on
         self._failures = 0  # consecutive, reset by progress
 
@@ -145,7 +144,6 @@ class _GuardedStream:
         try:
             sizes = self.source.sizes()
         except FileNotFoundError as exc:
-            self.error = exc
             self.failure = StorageReadError(f"{self.url} disappeared while it was read")
             raise self.failure from exc
         except Exception as exc:  # noqa: BLE001 - could not ask: count it as a failed read
@@ -154,9 +152,9 @@ class _GuardedStream:
         if longer:
             return "but the object has " + ", ".join(f"{v} bytes by {k}" for k, v in longer.items())
         if any(v < self.bytes_read for v in sizes.values()):
-            self.error = _ObjectChanged(f"{self.url} is now shorter ({sizes}) than the {self.bytes_read} bytes read")
-            self.failure = StorageReadError(str(self.error))
-            raise self.failure from self.error
+            changed = _ObjectChanged(f"{self.url} is now shorter ({sizes}) than the {self.bytes_read} bytes read")
+            self.failure = StorageReadError(str(changed))
+            raise self.failure from changed
         return None
 
     def _recover(self, exc: BaseException) -> None:
@@ -165,7 +163,6 @@ class _GuardedStream:
             self._failures += 1
             fatal = isinstance(exc, (FileNotFoundError, PermissionError, _ObjectChanged))
             if self.source is None or fatal or self._failures > self.retries:
-                self.error = exc
                 tries = "" if self.source is None or fatal else f" ({self._failures - 1} reopen(s) did not help)"
                 self.failure = StorageReadError(f"reading {self.url} failed after {self.bytes_read} bytes{tries}: "
                                                 f"{type(exc).__name__}: {exc}")
@@ -319,8 +316,5 @@ class ShardReader:
 
     @staticmethod
     def _raise_if_storage(stream: _GuardedStream) -> None:
-        if stream.failure is not None:
+        if stream.failure is not None:  # set with every storage error that ended the stream
             raise stream.failure
-        if stream.error is not None:
-            raise StorageReadError(f"reading {stream.url} failed after {stream.bytes_read} bytes: "
-                                   f"{stream.error}") from stream.error
