@@ -2,7 +2,7 @@
 
     python -m bench.driver_scale [--shards 20000] [--actors 4] [--write-docs]
 
-What is real: the driver (``jobs.archive.run_archive`` with the Ray executor), Ray (a local
+What is real: the driver (``jobs.commands.archive.run_archive`` with the Ray executor), Ray (a local
 cluster started by this script), the shards (one tiny tar per shard, one 8x8 PNG inside, read by
 the real streaming reader), the Parquet files and the done markers, all in moto
 (``jobs/local_s3.py``, run in a child process so its request handling is not counted as driver
@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import s3fs
 
-    import jobs.archive as archive_mod
-    from jobs.archive import ArchiveJob, run_archive
+    import jobs.commands.archive as archive_mod
+    from jobs.commands.archive import ArchiveJob, run_archive
     from pipeline.manifest import Manifest, OutputLocation
     from pipeline.executors.ray import RayExecutor
     from pipeline.progress import TqdmProgress

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from jobs.archive import ArchiveJob, run_archive
+    from jobs.commands.archive import ArchiveJob, run_archive
     from jobs.local_s3 import local_s3
     from pipeline.batching import DEFAULT_BATCH_SIZE
     from pipeline.executors.local import LocalExecutor

@@ -171,7 +171,7 @@ def driver_section(r: dict) -> list[str]:
         f"{1000 * res['rerun_all_done_driver_cpu_s'] / n:.1f} ms of driver CPU per marker in s3fs/aiobotocore). "
         "This happens after the new work and costs the same when there is nothing left to do. A compact index "
         "of the done markers (or totals carried over from the previous summary) would remove it; that is "
-        "`jobs/archive.py` and `pipeline/manifest.py`, not the executor. The first run's wall time is set by "
+        "`jobs/commands/archive.py` and `pipeline/manifest.py`, not the executor. The first run's wall time is set by "
         "moto and the workers sharing the 2 cores, not by the driver.",
         "",
         "The memory that grows is the run's per-shard stats (`RunResult.done`, one `ShardStats` per finished "

@@ -1,10 +1,10 @@
 """The ``rdeic`` command: one entry point, one subcommand per job.
 
-Each job module exposes ``add_parser(subparsers)``, which registers its subcommand and sets
-``func`` (argparse namespace -> exit status). Adding a command means writing ``jobs/<name>.py``
-with that function and listing it in ``SUBCOMMANDS``; nothing else here changes.
+Each command module (``jobs/commands/<name>.py``, found without a central list: ``jobs.commands``)
+exposes ``add_parser(subparsers)``, which registers its subcommand and sets ``func`` (argparse
+namespace -> exit status).
 
-Commands with a spec schema (``jobs.config.SCHEMAS``: archive, restore, audit) also get
+Commands with a spec schema (those defining ``OPTIONS``: archive, restore, audit) also get
 ``--config SPEC.yaml`` and ``--print-config`` here, so every job reads YAML the same way:
 flags given on the command line win over the spec, the spec over environment-derived defaults,
 those over built-in defaults (docs/jobs.md).
@@ -19,45 +19,18 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-# Subcommand name -> module under ``jobs`` providing ``add_parser``. Imported lazily in ``main``
-# only for the chosen command, so ``rdeic --help`` does not import torch or Ray.
-SUBCOMMANDS: dict[str, str] = {
-    "encode": "jobs.encode",
-    "decode": "jobs.decode",
-    "archive": "jobs.archive",
-    "restore": "jobs.restore",
-    "audit": "jobs.audit",
-    "get": "jobs.get",
-    "status": "jobs.status",
-    "inspect": "jobs.inspect_cmd",
-    "verify": "jobs.verify",
-    "convert": "jobs.convert",
-    "train": "jobs.train",
-    "evaluate": "jobs.evaluate",
-    "submit": "jobs.submit",
-    "job": "jobs.ray_job",
-}
-SUBCOMMAND_HELP: dict[str, str] = {
-    "encode": "compress one image file to an .rde bitstream (like cwebp)",
-    "decode": "decompress one .rde bitstream to a PNG (like dwebp)",
-    "archive": "encode WebDataset shards into Parquet archives (resumable)",
-    "restore": "decode archived bitstreams back into image files",
-    "audit": "decode a sample of an archive and measure quality against the sources",
-    "get": "fetch and decode single images from an archive by key",
-    "status": "progress of an archive job (running or stopped) from its output location",
-    "inspect": "summary and metadata of an archive file or prefix",
-    "verify": "reconcile an archive with its source shards: every key once, source hashes match",
-    "convert": "convert the official SD 2.1 + RDEIC checkpoints into a model directory",
-    "train": "train an RDEIC codec (stages of the paper's schedule)",
-    "evaluate": "evaluate a codec on an image set (rate/distortion/perception)",
-    "submit": "submit a job spec to a Ray cluster (Ray Jobs API) and stream its logs",
-    "job": "status, logs or stop of a submitted Ray job",
-}
+from .commands import discover
+from .exits import EXIT_USAGE
+
+# Subcommand name -> module, and the line `rdeic --help` shows for it: found by listing
+# ``jobs.commands`` (``jobs.commands.discover``), so adding a command edits nothing here.
+_COMMANDS = discover()
+SUBCOMMANDS: dict[str, str] = {name: c.module for name, c in _COMMANDS.items()}
+SUBCOMMAND_HELP: dict[str, str] = {name: c.help for name, c in _COMMANDS.items()}
 # Commands whose arguments after `--` are handed on untouched (``args.passthrough``): `submit` appends
 # them to the job's command line on the cluster.
 PASSTHROUGH = ("submit",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-EXIT_USAGE = 2
 
 
 def _import_command(name: str) -> object:

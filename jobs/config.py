@@ -186,7 +186,7 @@ TILE_BATCH_HELP = ("tiles (or whole images) per network pass: bounds codec memor
 
 @dataclass(frozen=True)
 class ArchiveSpec:
-    """``rdeic archive`` (jobs/archive.py): one field per long flag."""
+    """``rdeic archive`` (jobs/commands/archive.py): one field per long flag."""
 
     input: list[str] | None = spec_field("shards: brace pattern, glob, @list.txt or URL (flag: --input, repeatable)",
                                          nonempty=True)
@@ -213,7 +213,7 @@ class ArchiveSpec:
 
 @dataclass(frozen=True)
 class _DecodeJobSpec:
-    """Options restore and audit share with archive (``jobs.restore.add_common_arguments``)."""
+    """Options restore and audit share with archive (``jobs.commands.restore.add_common_arguments``)."""
 
     model: str | None = spec_field("model directory or shipped name (default: $RDEIC_MODEL, else the model "
                                    "named in the archive's run.json)")
@@ -232,7 +232,7 @@ class _DecodeJobSpec:
 
 @dataclass(frozen=True)
 class RestoreSpec(_DecodeJobSpec):
-    """``rdeic restore`` (jobs/restore.py): archive -> PNG WebDataset shards or a folder tree."""
+    """``rdeic restore`` (jobs/commands/restore.py): archive -> PNG WebDataset shards or a folder tree."""
 
     archive: str | None = spec_field("archive prefix written by `rdeic archive`")
     output: str | None = spec_field("output prefix (s3://..., file://..., path)")
@@ -244,7 +244,7 @@ class RestoreSpec(_DecodeJobSpec):
 
 @dataclass(frozen=True)
 class AuditSpec(_DecodeJobSpec):
-    """``rdeic audit`` (jobs/audit.py): decode (a sample of) an archive and measure it against the sources."""
+    """``rdeic audit`` (jobs/commands/audit.py): decode (a sample of) an archive and measure it against the sources."""
 
     archive: str | None = spec_field("archive prefix written by `rdeic archive`")
     source: list[str] | None = spec_field("source shards, as archive's input (flag: --source, repeatable)",

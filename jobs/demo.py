@@ -230,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from jobs.audit import parse_perceptual
+    from jobs.commands.audit import parse_perceptual
 
     try:
         perceptual = parse_perceptual(args.perceptual)
@@ -286,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from jobs.archive import ArchiveJob, run_archive
-    from jobs.archive import format_summary as archive_text
-    from jobs.audit import AuditConfigError, AuditJob, run_audit
-    from jobs.audit import format_summary as audit_text
+    from jobs.commands.archive import ArchiveJob, run_archive
+    from jobs.commands.archive import format_summary as archive_text
+    from jobs.commands.audit import AuditConfigError, AuditJob, run_audit
+    from jobs.commands.audit import format_summary as audit_text
     from jobs.local_s3 import local_s3
     from jobs.logs import progress_sink
-    from jobs.restore import RestoreConfigError, RestoreJob, run_restore
-    from jobs.restore import format_summary as restore_text
+    from jobs.commands.restore import RestoreConfigError, RestoreJob, run_restore
+    from jobs.commands.restore import format_summary as restore_text
 
     started_ray = False
     # The S3 server first: it puts its credentials into the environment, which Ray's workers inherit.

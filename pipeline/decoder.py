@@ -1,7 +1,7 @@
 """What restore and audit need from a codec: bitstreams in, images out, and a cheap per-stream check.
 
 The mirror of ``pipeline.encoder``: the pipeline never imports a model. A job hands it a factory
-whose ``load`` builds a :class:`Decoder` once per worker (``jobs/restore.py`` adapts
+whose ``load`` builds a :class:`Decoder` once per worker (``jobs/commands/restore.py`` adapts
 ``rdeic_core.RDEICCodec``).
 
 Two things make decoding a shard robust and fast:

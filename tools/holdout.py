@@ -85,7 +85,7 @@ def train() -> None:
 
 
 def _evaluate(images: Path, label: str, model: str, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "jobs.evaluate", "--images", str(images), "--model", f"{label}={model}",
+    cmd = [sys.executable, "-m", "jobs.commands.evaluate", "--images", str(images), "--model", f"{label}={model}",
            "--steps", "0,2", "--out", str(out), "--threads", "1"]
     print("holdout: " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -6,7 +6,7 @@
 No Stable Diffusion weights exist in this project, so every part is trained here at a small
 size, on the 22 training photos of ``data/photos`` only (the validation photos are refused by
 the trainer): ``vae`` -> ``prior`` (plain eps-prediction DDPM on the VAE latents) -> ``stage1``
--> ``stage2``. Each stage is one ``python -m jobs.train`` call, exactly the code path of an
+-> ``stage2``. Each stage is one ``python -m jobs.commands.train`` call, exactly the code path of an
 ``sd21`` training; only the starting weights and the step counts differ. Seeds and step counts
 are fixed, so re-running the command reproduces the recipe (and resumes an interrupted run:
 each stage resumes from its last checkpoint, a finished stage only re-exports its model).
@@ -36,7 +36,7 @@ ZOO = REPO / "rdeic_core" / "zoo"
 
 @dataclass
 class Stage:
-    """One ``jobs.train`` call of the recipe."""
+    """One ``jobs.commands.train`` call of the recipe."""
 
     name: str  # vae | prior | stage1 | stage2
     steps: int
@@ -74,7 +74,7 @@ def rate_stages(a: argparse.Namespace, lambda_g: float) -> list[Stage]:
 
 def stage_command(stage: Stage, run_dir: Path, prev_model: Path | None, threads: int) -> list[str]:
     src = ["--config", "mini"] if prev_model is None else ["--init", str(prev_model)]
-    return [sys.executable, "-m", "jobs.train", "--stage", stage.name, "--run-dir", str(run_dir),
+    return [sys.executable, "-m", "jobs.commands.train", "--stage", stage.name, "--run-dir", str(run_dir),
             "--steps", str(stage.steps), *src, *stage.args, "--threads", str(threads), "--no-progress"]
 
 

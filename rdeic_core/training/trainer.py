@@ -16,7 +16,7 @@ global torch RNG are re-seeded from it before every step. A run resumed from a c
 therefore produces the same next-step losses as an uninterrupted one (tested); the RNG states
 saved in checkpoints only matter for code that draws outside a step.
 
-Multi-GPU: start with ``torchrun --nproc_per_node=G -m jobs.train ...``. With ``WORLD_SIZE > 1``
+Multi-GPU: start with ``torchrun --nproc_per_node=G -m jobs.commands.train ...``. With ``WORLD_SIZE > 1``
 the stage module is wrapped in ``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU), each
 rank reads its own crops, and the VQ state that the forward changes outside autograd (usage
 statistics, dead-code re-initialisation) is synchronised after every step so ranks never drift apart.

@@ -191,7 +191,7 @@ submit:
     assert sorted(p.stem for p in (out / "_manifest/done").glob("*.json")) == done
 
     # the credentials reached the job's runtime env, but no output shows them
-    from jobs.submit import make_client
+    from jobs.commands.submit import make_client
 
     info = make_client(ray_head.address, {"RAY_AUTH_TOKEN": ray_head.token}).get_job_info(job_id)
     for name, value in FAKE_AWS.items():
@@ -226,7 +226,7 @@ def test_missing_or_wrong_token_is_refused(ray_head: RayHead, tmp_path: Path) ->
 
 
 def test_stop_a_running_job(ray_head: RayHead) -> None:
-    from jobs.submit import make_client
+    from jobs.commands.submit import make_client
 
     client = make_client(ray_head.address, {"RAY_AUTH_TOKEN": ray_head.token})
     job_id = client.submit_job(entrypoint=f"{sys.executable} -c \"import time; print('working', flush=True); "
@@ -249,7 +249,7 @@ def test_stop_a_running_job(ray_head: RayHead) -> None:
 
 
 def test_job_logs_are_redacted_even_when_the_job_prints_a_secret(ray_head: RayHead) -> None:
-    from jobs.submit import make_client, wait_terminal
+    from jobs.commands.submit import make_client, wait_terminal
 
     client = make_client(ray_head.address, {"RAY_AUTH_TOKEN": ray_head.token})
     job_id = client.submit_job(

@@ -18,7 +18,7 @@ import yaml
 
 from jobs.cli import SUBCOMMANDS, resolve_args
 from jobs.config import parse_spec
-from jobs.submit import read_constraints
+from jobs.commands.submit import read_constraints
 from tests.cli.conftest import REPO_ROOT
 
 INFRA = REPO_ROOT / "infra"

@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.archive import ArchiveJob, run_archive
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
-from jobs.restore import RestoreJob, run_restore
-from jobs.verify import verify_archive
+from jobs.commands.restore import RestoreJob, run_restore
+from jobs.commands.verify import verify_archive
 from tests.faults.flaky_proxy import RANDOM_KINDS
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from jobs.verify import verify_archive
+from jobs.commands.verify import verify_archive
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
@@ -48,7 +48,7 @@ RESTART_TIMEOUT_S = 5.0
 # The driver of the second test: run_archive with a Ray executor that waits only briefly for a restart.
 SHORT_RESTART_DRIVER = """
 import json, sys
-from jobs.archive import ArchiveJob, run_archive
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.logs import StructuredProgress, configure_logging
 from pipeline.executors.ray import RayExecutor
 configure_logging("INFO", "json")

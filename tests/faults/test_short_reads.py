@@ -14,8 +14,8 @@ import tarfile
 
 import pytest
 
-from jobs.archive import ArchiveJob, run_archive
-from jobs.verify import verify_archive
+from jobs.commands.archive import ArchiveJob, run_archive
+from jobs.commands.verify import verify_archive
 from pipeline import storage
 from pipeline.reader import ShardReader, StorageReadError
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs, member_data_offset

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.archive import ArchiveJob, run_archive
+from jobs.commands.archive import ArchiveJob, run_archive
 from pipeline.progress import NullProgress
 from pipeline.writer import ARCHIVE_SCHEMA
 from tests.pipeline.conftest import TEST_MAX_PIXELS, Expect, build_shard_specs, member_data_offset

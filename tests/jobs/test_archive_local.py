@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.archive import ArchiveJob, run_archive
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
 from pipeline.manifest import Manifest, OutputConflictError, OutputLocation
 from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, build_shard_specs

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.archive import ArchiveJob, run_archive
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
-from jobs.verify import verify_archive
+from jobs.commands.verify import verify_archive
 from pipeline import images as images_mod
 from pipeline.executors.local import LocalExecutor
 from pipeline.failures import (

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from jobs.archive import EXIT_LEASE, ArchiveJob, run_archive
+from jobs.commands.archive import EXIT_LEASE, ArchiveJob, run_archive
 from jobs.cli import main
-from jobs.verify import verify_archive
+from jobs.commands.verify import verify_archive
 from pipeline import lease as lease_mod
 from pipeline.executors.local import LocalExecutor
 from pipeline.lease import (

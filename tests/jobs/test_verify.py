@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.archive import ArchiveJob, run_archive
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
-from jobs.verify import VerifyUsageError, verify_archive
+from jobs.commands.verify import VerifyUsageError, verify_archive
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs, member_data_offset
 
 

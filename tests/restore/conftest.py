@@ -66,7 +66,7 @@ class LocalArchive:
 
 
 def write_archive(root: Path, specs: list[ShardSpec], model: Path, **job_kw: Any) -> LocalArchive:
-    from jobs.archive import ArchiveJob, run_archive
+    from jobs.commands.archive import ArchiveJob, run_archive
 
     (root / "in").mkdir(parents=True, exist_ok=True)
     for spec in specs:
@@ -195,7 +195,7 @@ class AuditRun:
 def audit_without_weights(tmp_path_factory: pytest.TempPathFactory, local_archive: LocalArchive) -> AuditRun:
     """The whole local archive audited with an empty torch hub cache and the network blocked;
     batch size 1, so every decoded image equals ``codec.decode([bitstream])``."""
-    from jobs.audit import AuditJob, run_audit
+    from jobs.commands.audit import AuditJob, run_audit
 
     root = tmp_path_factory.mktemp("audit-noweights")
     with pytest.MonkeyPatch.context() as mp:

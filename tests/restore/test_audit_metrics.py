@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.audit import AuditJob, run_audit
+from jobs.commands.audit import AuditJob, run_audit
 from pipeline.audit import sampled
 from pipeline.metrics import frechet_distance, kernel_inception_distance, ms_ssim_window
 from tests.pipeline.conftest import build_shard_specs

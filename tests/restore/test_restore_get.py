@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from jobs.get import GetError, GetJob, run_get
+from jobs.commands.get import GetError, GetJob, run_get
 from pipeline.archives import ArchiveLocation, KeyNotFoundError, lookup
 from tests.restore.conftest import LocalArchive, damage_archive
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from jobs.restore import RDEICDecoderFactory
+from jobs.commands.restore import RDEICDecoderFactory
 from pipeline.archives import ArchiveLocation
 from pipeline.decoder import SizeBuckets
 from pipeline.manifest import OutputLocation

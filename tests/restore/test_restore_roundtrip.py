@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.archive import ArchiveJob, run_archive
-from jobs.audit import AuditJob, run_audit
-from jobs.restore import RestoreJob, run_restore
+from jobs.commands.archive import ArchiveJob, run_archive
+from jobs.commands.audit import AuditJob, run_audit
+from jobs.commands.restore import RestoreJob, run_restore
 from pipeline.progress import NullProgress
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs
 from tests.restore.conftest import flip_byte

@@ -1,4 +1,4 @@
-"""``rdeic train`` / ``python -m jobs.train``: argument wiring, the result model, error exit codes."""
+"""``rdeic train`` / ``python -m jobs.commands.train``: argument wiring, the result model, error exit codes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``rdeic evaluate`` (jobs/evaluate.py + jobs/rd_eval.py) on a random tiny codec and two real photos.
+"""``rdeic evaluate`` (jobs/commands/evaluate.py + jobs/rd_eval.py) on a random tiny codec and two real photos.
 
 Every reported number is recomputed here independently (Pillow, numpy, pytorch_msssim called
 directly), so a wrong bpp denominator, a PSNR on padded pixels or a mismatched interpolation fails.

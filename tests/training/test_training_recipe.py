@@ -1,5 +1,5 @@
 """`make mini`'s driver (tools/train_mini.py) end to end at one step per stage: every stage runs in
-order through `python -m jobs.train`, each rate point gets its own stage 1/2 with the wide control,
+order through `python -m jobs.commands.train`, each rate point gets its own stage 1/2 with the wide control,
 model cards are written, and a re-run resumes (re-exports) instead of training again."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 
 Re-running the same command resumes from the latest checkpoint in --run-dir. Each stage ends
 by writing RUN/model (``RDEICCodec.save_pretrained``), the --init of the next stage. For
-several GPUs: ``torchrun --nproc_per_node=G -m jobs.train --stage ... ``(DDP, batch per GPU).
+several GPUs: ``torchrun --nproc_per_node=G -m jobs.commands.train --stage ... ``(DDP, batch per GPU).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+HELP = "train an RDEIC codec (stages of the paper's schedule)"
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -134,7 +136,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m jobs.commands.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_arguments(parser)

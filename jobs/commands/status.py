@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+HELP = 'progress of an archive job (running or stopped) from its output location'
+
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE = 0, 1, 2
 
 
@@ -54,7 +56,7 @@ def _job_inputs(out: Any, run: dict[str, Any] | None) -> tuple[list[str], dict[s
     """Input patterns of the latest run (``job.yaml``), else of the first (``run.json``)."""
     from pipeline import storage
 
-    from .config import RESOLVED_CONFIG_FILE
+    from ..config import RESOLVED_CONFIG_FILE
 
     path = out.path(RESOLVED_CONFIG_FILE)
     if storage.exists(out.fs, path):
@@ -214,7 +216,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    from .config import load_spec
+    from ..config import load_spec
 
     output, options = args.output, args.storage_options
     if args.config:
@@ -228,7 +230,7 @@ def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    from ..config import ConfigError
 
     try:
         output, options = _target(args)

@@ -25,7 +25,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from .logs import redact_text
+from ..logs import redact_text
 from .submit import (
     EXIT_CLUSTER,
     EXIT_INTERRUPTED,
@@ -38,6 +38,8 @@ from .submit import (
     resolve_address,
     wait_terminal,
 )
+
+HELP = 'status, logs or stop of a submitted Ray job'
 
 
 def _time(ms: int | None) -> str | None:

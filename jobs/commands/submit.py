@@ -46,8 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import DEFAULT_PASS_ENV, ConfigError, JobSpec, load_spec
-from .logs import redact_text
+from ..config import DEFAULT_PASS_ENV, ConfigError, JobSpec, load_spec
+from ..logs import redact_text
+
+HELP = 'submit a job spec to a Ray cluster (Ray Jobs API) and stream its logs'
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

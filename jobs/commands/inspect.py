@@ -21,6 +21,8 @@ import json
 import sys
 from typing import Any
 
+HELP = 'summary and metadata of an archive file or prefix'
+
 EXIT_OK, EXIT_NOT_ARCHIVE, EXIT_USAGE = 0, 1, 2
 STAT_COLUMNS = ["status", "reason", "bpp", "width", "height"]
 _JSON_KEYS = ("rdeic.schema_columns", "rdeic.model.hashes", "rdeic.versions", "rdeic.job", "rdeic.shard")

@@ -4,7 +4,7 @@
     rdeic evaluate --images DIR --model mini-lo --model mini --model mini-hi --out outputs/evaluate/mini
     rdeic evaluate --images DIR --model lo=runs/mini/mini-lo/stage2/model   # LABEL=DIR
     rdeic evaluate --images DIR --model mini --tile-batch 1               # least codec memory
-    python -m jobs.evaluate ...                 # the same
+    python -m jobs.commands.evaluate ...                 # the same
 
 Each image is encoded once per model and decoded at every S of ``--steps`` (S = 0 decodes the
 compressed latent c_latent with the VAE, without diffusion). JPEG (quality 1..95) and WebP
@@ -28,8 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import rd_eval
-from .codec import add_tile_batch_option, apply_tile_batch
+from .. import rd_eval
+from ..codec import add_tile_batch_option, apply_tile_batch
+
+HELP = 'evaluate a codec on an image set (rate/distortion/perception)'
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DEFAULT_MODEL = "mini"
@@ -125,7 +127,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m jobs.commands.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)

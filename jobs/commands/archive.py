@@ -50,9 +50,11 @@ from pipeline.shards import expand_inputs
 from pipeline.types import ShardRef, ShardStats
 from pipeline.writer import DEFAULT_ROW_GROUP_SIZE
 
-from .codec import RDEICEncoderFactory, add_tile_batch_option
-from .config import write_resolved_config
-from .logs import progress_sink
+from ..codec import RDEICEncoderFactory, add_tile_batch_option
+from ..config import write_resolved_config
+from ..logs import progress_sink
+
+HELP = 'encode WebDataset shards into Parquet archives (resumable)'
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+HELP = 'convert the official SD 2.1 + RDEIC checkpoints into a model directory'
+
 log = logging.getLogger(__name__)
 
 

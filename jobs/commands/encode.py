@@ -22,7 +22,9 @@ from typing import Any
 
 from pipeline.images import DEFAULT_MAX_PIXELS, SampleFailure, decode_image
 
-from .codec import add_tile_batch_option, apply_tile_batch
+from ..codec import add_tile_batch_option, apply_tile_batch
+
+HELP = 'compress one image file to an .rde bitstream (like cwebp)'
 
 MODEL_ENV = "RDEIC_MODEL"
 DEFAULT_MODEL = "mini"

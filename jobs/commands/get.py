@@ -30,8 +30,10 @@ from pipeline.decoder import RejectedStream
 from pipeline.restore import check_row, decode_streams
 
 from .archive import EXECUTORS, EXIT_CONFIG, EXIT_OK, EXIT_SHARDS_FAILED, _json_object
-from .codec import add_tile_batch_option
+from ..codec import add_tile_batch_option
 from .restore import RDEICDecoderFactory, add_decode_overrides, open_archive, storage_options_for
+
+HELP = 'fetch and decode single images from an archive by key'
 
 EXIT_NOT_DECODED = EXIT_SHARDS_FAILED
 

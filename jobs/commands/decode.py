@@ -21,6 +21,8 @@ from typing import Any
 
 from .encode import EXIT_INPUT, EXIT_OK, EXIT_USAGE, ModelLoadError, add_model_options, default_output, load_codec
 
+HELP = 'decompress one .rde bitstream to a PNG (like dwebp)'
+
 IMAGE_SUFFIX = ".png"
 
 

@@ -61,7 +61,9 @@ from .archive import (
     effective_storage_options,
     make_executor,
 )
-from .codec import RDEICEncoderFactory, _describe_device, add_tile_batch_option
+from ..codec import RDEICEncoderFactory, _describe_device, add_tile_batch_option
+
+HELP = 'decode archived bitstreams back into image files'
 
 log = logging.getLogger(__name__)
 RESTORE_FILE = "restore.json"
@@ -124,7 +126,7 @@ class RDEICDecoderFactory(RDEICEncoderFactory):
 # ------------------------------------------------------------------------------------ shared set-up
 @dataclass(frozen=True)
 class _Urls:
-    """The URLs and options of a decode-side job, shaped for ``jobs.archive.effective_storage_options``."""
+    """The URLs and options of a decode-side job, shaped for ``jobs.commands.archive.effective_storage_options``."""
 
     inputs: tuple[str, ...]
     output: str
@@ -341,7 +343,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from .logs import progress_sink
+    from ..logs import progress_sink
 
     try:
         job = RestoreJob(archive=args.archive, output=args.output, format=args.format, steps=args.steps,

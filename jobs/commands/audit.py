@@ -68,6 +68,8 @@ from .restore import (
     summarize_failed_keys,
 )
 
+HELP = 'decode a sample of an archive and measure quality against the sources'
+
 log = logging.getLogger(__name__)
 AUDIT_FILE = "audit.json"
 SUMMARY_FILE = "summary.json"
@@ -273,7 +275,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from .logs import progress_sink
+    from ..logs import progress_sink
 
     try:
         # values from a --config spec may arrive as plain strings: normalise them like the flags

@@ -48,6 +48,8 @@ from pipeline.runner import archive_key
 from pipeline.shards import expand_inputs
 from pipeline.types import STATUS_OK, ShardRef
 
+HELP = 'reconcile an archive with its source shards: every key once, source hashes match'
+
 log = logging.getLogger(__name__)
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
