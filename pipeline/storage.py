@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -234,3 +234,20 @@ def redact(options: Any) -> Any:
     if isinstance(options, list):
         return [redact(v) for v in options]
     return options
+
+
+def with_env_endpoint(urls: Sequence[str], options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` plus the S3 endpoint from ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` when one of
+    ``urls`` is on S3 and the options name none themselves.
+
+    botocore reads those variables too, but only in processes that have them: putting the endpoint
+    into the options carries it to workers on other nodes along with the rest of the job.
+    """
+    out = dict(options or {})
+    uses_s3 = any(u.lstrip("@").startswith(("s3://", "s3a://")) for u in urls)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = dict(out.get("client_kwargs") or {})
+    if uses_s3 and endpoint and not out.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
+        client_kwargs["endpoint_url"] = endpoint
+        out["client_kwargs"] = client_kwargs
+    return out
