@@ -1,8 +1,9 @@
 # Developer and CI entry points. Works on a fresh machine (root, no venv): `make test` builds everything it needs.
 #   make venv    .venv with the project editable + all extras, pinned by constraints.txt
 #   make photos  fetch + verify the real test photos (Debian packages) and derive data/photos/{small,val768}
-#   make test    run the whole pytest suite (PYTEST_ARGS="-k foo -x" to narrow it)
-#   make demo    end-to-end demo (jobs.demo)
+#   make lint    ruff + mypy (configured in pyproject.toml)
+#   make test    lint, then the whole pytest suite (PYTEST_ARGS="-k foo -x" to narrow it)
+#   make demo    end-to-end demo (python -m demo: demo/run.py)
 #   make bench   benchmarks (bench.run)
 #   make mini    train the embedded mini models from scratch on CPU (~65-80 min) -> rdeic_core/zoo/mini-lo, mini, mini-hi
 #   make clean   caches and build leftovers;  make distclean  also .venv and data/
@@ -22,7 +23,7 @@ MINI_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv photos sysdeps test demo bench mini clean distclean
+.PHONY: venv photos sysdeps lint test demo bench mini clean distclean
 
 venv: $(STAMP)
 
@@ -42,13 +43,19 @@ photos: $(STAMP)
 sysdeps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: $(STAMP) photos sysdeps
+# Static checks, configured in pyproject.toml: ruff (lint rules, not formatting) over the whole tree,
+# mypy over the packages listed in [tool.mypy] (~30 s cold, a few seconds with .mypy_cache).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: $(STAMP) photos sysdeps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # 8 photos at ~1.1 MP: archive, restore, audit on a local Ray + embedded S3, then JPEG/WebP at the
 # nearest rate -> outputs/demo/report/report.html (~5 min on 2 CPU cores; DEMO_ARGS="--count 4" is quicker)
 demo: $(STAMP) photos
-	$(PY) -m jobs.demo $(DEMO_ARGS)
+	$(PY) -m demo $(DEMO_ARGS)
 
 bench: $(STAMP) photos
 	$(PY) -m bench.run $(BENCH_ARGS)
@@ -57,7 +64,7 @@ mini: $(STAMP) photos
 	$(PY) tools/train_mini.py $(MINI_ARGS)
 
 clean:
-	rm -rf build .pytest_cache .hypothesis *.egg-info
+	rm -rf build .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean

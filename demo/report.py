@@ -1,6 +1,6 @@
 """The `make demo` report: RDEIC next to Pillow's JPEG and WebP at the nearest rate, as one HTML page.
 
-``jobs.demo`` runs the jobs (archive, restore, audit); this module turns their outputs into
+``demo.run`` runs the jobs (archive, restore, audit); this module turns their outputs into
 ``report.html`` with its images beside it (``img/*.png``, ``rate_quality.png``), so the page can
 be opened from disk, copied, or served by ``python -m http.server`` without anything inlined.
 
@@ -220,12 +220,12 @@ def build_photo(name: str, key: str, split: str, original: np.ndarray, restored:
     if restored is not None and rdeic is not None:
         n_bytes = int(rdeic["bitstream_bytes"] or 0)
         measured = psnr(original, restored)
-        audit_psnr = _finite(rdeic.get("psnr"))  # type: ignore[arg-type]
+        audit_psnr = _finite(rdeic.get("psnr"))
         if audit_psnr is None:  # the audit has no measurement of this key: measure the restored image
             rd_psnr, rd_ssim = measured, _finite(ms_ssim(original, restored))
             note = "restored by the restore job; measured by the demo (no audit row)"
         else:
-            rd_psnr, rd_ssim = audit_psnr, _finite(rdeic.get("ms_ssim"))  # type: ignore[arg-type]
+            rd_psnr, rd_ssim = audit_psnr, _finite(rdeic.get("ms_ssim"))
             note = "restored by the restore job; PSNR/MS-SSIM by the audit job"
             if abs(audit_psnr - measured) > 0.05:
                 result.notes.append(f"the restore job's image measures {measured:.2f} dB PSNR, the audit job's "

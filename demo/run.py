@@ -156,7 +156,7 @@ def sample_key(photo: Path) -> str:
 # ------------------------------------------------------------------------------------ job summaries
 def job_stats(name: str, summary: dict[str, Any]) -> Any:
     """The report's row for one job, failures written out as ``reason=count`` / key / shard lines."""
-    from jobs.demo_report import JobStats
+    from demo.report import JobStats
 
     im = summary["images"]
     failures = [f"{k}={v}" for k, v in (im.get("failed_by_reason") or {}).items()]
@@ -204,7 +204,8 @@ def copy_out(fs: Any, prefix: str, local: Path) -> None:
 
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos-dir", type=Path, default=REPO / "data" / "photos",
                     help="what `make photos` wrote: full/*.jpg and split.json")
     ap.add_argument("--count", type=int, default=DEFAULT_COUNT, metavar="N",
@@ -216,8 +217,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--min-megapixels", type=float, default=MIN_MEGAPIXELS, help=argparse.SUPPRESS)  # tests only
     ap.add_argument("--model", default=None, metavar="NAME_OR_DIR",
                     help="model name or directory (default: the shipped mini, else tiny with random weights)")
-    ap.add_argument("--per-shard", type=int, default=None, metavar="N", help="photos per shard (default: spread over the actors)")
-    ap.add_argument("--num-actors", type=int, default=None, metavar="N", help="Ray worker actors (default: one per core)")
+    ap.add_argument("--per-shard", type=int, default=None, metavar="N",
+                    help="photos per shard (default: spread over the actors)")
+    ap.add_argument("--num-actors", type=int, default=None, metavar="N",
+                    help="Ray worker actors (default: one per core)")
     ap.add_argument("--perceptual", default="none", metavar="LIST",
                     help="audit's perceptual metrics when their weights exist: lpips,dists,fid or none (default)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "demo", metavar="DIR",
@@ -286,14 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from demo.local_s3 import local_s3
     from jobs.commands.archive import ArchiveJob, run_archive
     from jobs.commands.archive import format_summary as archive_text
     from jobs.commands.audit import AuditConfigError, AuditJob, run_audit
     from jobs.commands.audit import format_summary as audit_text
-    from jobs.local_s3 import local_s3
-    from jobs.logs import progress_sink
     from jobs.commands.restore import RestoreConfigError, RestoreJob, run_restore
     from jobs.commands.restore import format_summary as restore_text
+    from jobs.logs import progress_sink
 
     started_ray = False
     # The S3 server first: it puts its credentials into the environment, which Ray's workers inherit.
@@ -378,10 +381,10 @@ def main(argv: list[str] | None = None) -> int:
 def make_report(out: Path, names: list[str], photos: list[Path], splits: dict[str, str], keys: dict[str, str],
                 facts: dict[str, str], summaries: dict[str, dict[str, Any]], perceptual: tuple[str, ...],
                 steps: Steps) -> Path:
-    """Gather the copied outputs per photo and hand them to ``jobs.demo_report``."""
+    """Gather the copied outputs per photo and hand them to ``demo.report``."""
     from PIL import Image
 
-    from jobs.demo_report import DemoReport, build_photo, write_report
+    from demo.report import DemoReport, build_photo, write_report
 
     archive_rows = {r["key"]: r for r in read_parquet_dir(out / "archive" / "archive")}
     audit_rows = {r["key"]: r for r in read_parquet_dir(out / "audit" / "metrics")}
@@ -409,9 +412,9 @@ def make_report(out: Path, names: list[str], photos: list[Path], splits: dict[st
         else:
             with Image.open(restored_png) as im:
                 restored = np.asarray(im.convert("RGB"))
-            ok_audit = audit is not None and audit["status"] == "ok"
+            measured = audit if audit is not None and audit["status"] == "ok" else {}
             rdeic = {"bitstream_bytes": len(row["bitstream"]),
-                     "psnr": audit["psnr"] if ok_audit else None, "ms_ssim": audit["ms_ssim"] if ok_audit else None}
+                     "psnr": measured.get("psnr"), "ms_ssim": measured.get("ms_ssim")}
         result, points = build_photo(name, key, splits[name], original, restored, rdeic, report_dir / "img",
                                      setting=setting, restored_png=restored_png if restored is not None else None,
                                      failure=failure)

@@ -1,6 +1,6 @@
 """`make demo` end to end at tiny size, and its report as a browser shows it.
 
-The real flow of ``jobs.demo`` (photos -> WebDataset shards -> embedded S3 -> archive, restore and
+The real flow of ``demo.run`` (photos -> WebDataset shards -> embedded S3 -> archive, restore and
 audit jobs on Ray -> JPEG/WebP at the nearest rate -> report.html) with the tiny random-weights
 codec and two real photos (one validation, one training) shrunk to ~0.05 MP, so it takes seconds
 per job; then ``report.html`` is opened in headless Chromium: every <img> loaded, the page is not
@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.demo import read_parquet_dir
-
+from demo.run import read_parquet_dir
 from tests.restore.chromium_cdp import INSTALL_HINT, find_chromium, inspect_page
 
 PHOTOS = ("Dune.jpg", "GreenMeadow.jpg")  # validation, training (split.json)
@@ -43,7 +42,7 @@ class DemoRun:
 def demo_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, photos_root: Path,
              ray_address: str) -> DemoRun:
     """One tiny demo on the session's Ray (the demo uses a Ray that is already up as it is)."""
-    from jobs.demo import main
+    from demo.run import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
     argv = ["--model", str(tiny_model_dir), "--photos-dir", str(photos_root), "--megapixels", "0.05",
@@ -75,7 +74,7 @@ def test_demo_runs_every_step_and_ends_with_where_the_report_is(demo_run: DemoRu
 @pytest.mark.ray
 @pytest.mark.s3
 def test_every_archived_photo_appears_with_its_restoration(demo_run: DemoRun) -> None:
-    from jobs.demo_report import slug
+    from demo.report import slug
 
     rows = read_parquet_dir(demo_run.out / "archive" / "archive")
     assert sorted(r["key"].split("/")[1] for r in rows) == sorted(Path(n).stem for n in PHOTOS)
@@ -129,7 +128,7 @@ def _photo(photos_root: Path, name: str, size: tuple[int, int]) -> np.ndarray:
 
 @pytest.mark.parametrize("fmt, qualities", [("JPEG", range(1, 96)), ("WEBP", range(101))])
 def test_nearest_quality_matches_an_exhaustive_search(photos_root: Path, fmt: str, qualities: range) -> None:
-    from jobs.demo_report import encoded_size, nearest_quality
+    from demo.report import encoded_size, nearest_quality
 
     image = _photo(photos_root, "Storm.jpg", (160, 112))
     sizes = {q: encoded_size(image, fmt, q) for q in qualities}
@@ -142,7 +141,7 @@ def test_nearest_quality_matches_an_exhaustive_search(photos_root: Path, fmt: st
 
 
 def test_demo_size_keeps_aspect_and_the_megapixel_floor() -> None:
-    from jobs.demo import demo_size
+    from demo.run import demo_size
 
     for w, h in ((5312, 2988), (2560, 3837), (1280, 1024), (1365, 1074)):
         tw, th = demo_size(w, h, 1.0, 1.0)
@@ -155,14 +154,14 @@ def test_demo_size_keeps_aspect_and_the_megapixel_floor() -> None:
 
 
 def test_demo_refuses_photos_below_one_megapixel(tmp_path: Path) -> None:
-    from jobs.demo import main
+    from demo.run import main
 
     assert main(["--megapixels", "0.5", "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
 
 
 def test_report_escapes_every_data_string(tmp_path: Path) -> None:
-    from jobs.demo_report import Coded, DemoReport, JobStats, PhotoResult, render_html
+    from demo.report import Coded, DemoReport, JobStats, PhotoResult, render_html
 
     evil = '<img src=x onerror="alert(1)">&'
     coded = Coded("RDEIC", "S=2", 100, 0.05, 20.0, 0.8, "a.png", "a-preview.png", "a-crop.png", note=evil)
