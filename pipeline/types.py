@@ -8,11 +8,17 @@ record can be pickled to a Ray worker or dumped to JSON without adapters.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
+import pyarrow as pa
+
+# STATUS_* are defined with the row base and imported from here by the rest of the pipeline.
+from .rows import STATUS_FAILED as STATUS_FAILED
+from .rows import STATUS_OK as STATUS_OK
+from .rows import Row, column, required
 
 # Closed set of per-sample failure reasons (the `reason` column; docs/archive-format.md explains each).
 REASONS: dict[str, str] = {
@@ -81,40 +87,40 @@ class ShardDamage:
         return {"offset": self.offset, "message": self.message}
 
 
-def mark_failed(record: Any, reason: str, message: str, reasons: Any, what: str) -> None:
-    """Set status/reason/error of an archive, restore or audit row; a reason outside the job's closed
-    set is a bug in the caller, so it raises instead of writing an undocumented reason."""
-    if reason not in reasons:
-        raise ValueError(f"unknown {what} reason {reason!r}; expected one of {sorted(reasons)}")
-    record.status, record.reason, record.error = STATUS_FAILED, reason, message
+@dataclass
+class Record(Row):
+    """One row of the archive (one input sample); ``pipeline.writer.ARCHIVE_SCHEMA`` is derived from these
+    fields (their order, Arrow types and docs are the file format)."""
 
+    reasons = REASONS
+    tail_after = "exif_orientation"
+    tail_docs = {
+        "status": "'ok' (bitstream present) or 'failed' (reason and error say why)",
+        "reason": "failure reason code (docs/archive-format.md), null when ok",
+        "error": "human-readable failure detail, null when ok",
+    }
 
-@dataclass(slots=True)
-class Record:
-    """One row of the archive (one input sample); see ``pipeline.writer.ARCHIVE_SCHEMA``."""
+    key: str = required(pa.string(), "globally unique sample key: '<shard>/<sample key>'")
+    shard: str = required(pa.string(), "shard id (the input file name without its tar suffix)")
+    src_index: int = required(pa.int32(), "0-based position of the sample in its shard")
+    src_url: str = required(pa.string(), "URL of the input shard")
+    src_member: str | None = column(pa.string(), "tar member the image was read from")
+    src_bytes: int | None = column(pa.int64(), "size of that member in bytes")
+    src_sha256: bytes | None = column(pa.binary(32), "sha256 of that member's bytes")
+    width: int | None = column(pa.int32(), "image width as encoded (original size, EXIF orientation applied)")
+    height: int | None = column(pa.int32(), "image height as encoded (original size, EXIF orientation applied)")
+    mode: str | None = column(pa.string(), "Pillow mode of the source image (RGB, CMYK, I;16, P, ...)")
+    exif_orientation: int | None = column(pa.int8(), "EXIF orientation tag of the source (1..8), null if none")
+    # status, reason, error (Row)
+    bpp: float | None = column(pa.float32(), "bits per pixel of the whole bitstream over width*height")
+    bitstream_crc32: int | None = column(pa.uint32(), "zlib.crc32 of the bitstream column value")
+    codec_fingerprint: str = required(pa.string(), "hex sha256 of the codec model that wrote (or would write) the row")
+    bitstream: bytes | None = column(pa.large_binary(), "the RDEIC bitstream (self-describing; null when failed)")
 
-    key: str
-    shard: str
-    src_index: int
-    src_url: str
-    codec_fingerprint: str
-    status: str = STATUS_FAILED
-    src_member: str | None = None
-    src_bytes: int | None = None
-    src_sha256: bytes | None = None
-    width: int | None = None
-    height: int | None = None
-    mode: str | None = None
-    exif_orientation: int | None = None
-    bitstream: bytes | None = None
-    bitstream_crc32: int | None = None
-    bpp: float | None = None
-    reason: str | None = None
-    error: str | None = None
-
-    def fail(self, reason: str, message: str) -> Record:
-        """Mark the record failed with a reason from REASONS (unknown reasons are a bug, so raise)."""
-        mark_failed(self, reason, message, REASONS, "failure")
+    def fail(self, reason: str, message: str) -> Self:
+        """Mark the record failed with a reason from REASONS (unknown reasons are a bug, so raise); a failed
+        row keeps no bitstream."""
+        super().fail(reason, message)
         self.bitstream = self.bitstream_crc32 = self.bpp = None
         return self
 
@@ -162,3 +168,14 @@ class ShardStats:
     def from_dict(cls, data: dict[str, Any]) -> ShardStats:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_rows(cls, shard: ShardRef, rows: Sequence[Any], *, max_failed_keys: int, **fields: Any) -> ShardStats:
+        """The marker of a shard whose rows (records with ``key``/``status``/``reason``) are ``rows``: the
+        counts every job's marker has (ok, failed by reason, the first failed keys), plus ``fields``."""
+        failed = sorted((r for r in rows if r.status != STATUS_OK), key=lambda r: r.key)
+        return cls(shard_id=shard.shard_id, url=shard.url, rows=len(rows), ok=len(rows) - len(failed),
+                   failed=len(failed),
+                   failed_by_reason=dict(sorted(Counter(r.reason or "unknown" for r in failed).items())),
+                   failed_keys=[r.key for r in failed[:max_failed_keys]],
+                   failed_keys_truncated=len(failed) > max_failed_keys, **fields)

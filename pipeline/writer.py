@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .rows import rows_table
 from .types import Record
 
 ARCHIVE_FORMAT = "rdeic-archive"
@@ -28,30 +29,8 @@ FORMAT_VERSION = 1
 DEFAULT_ROW_GROUP_SIZE = 256
 
 
-def _f(name: str, type_: pa.DataType, nullable: bool, doc: str) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
-
-
-ARCHIVE_SCHEMA = pa.schema([
-    _f("key", pa.string(), False, "globally unique sample key: '<shard>/<sample key>'"),
-    _f("shard", pa.string(), False, "shard id (the input file name without its tar suffix)"),
-    _f("src_index", pa.int32(), False, "0-based position of the sample in its shard"),
-    _f("src_url", pa.string(), False, "URL of the input shard"),
-    _f("src_member", pa.string(), True, "tar member the image was read from"),
-    _f("src_bytes", pa.int64(), True, "size of that member in bytes"),
-    _f("src_sha256", pa.binary(32), True, "sha256 of that member's bytes"),
-    _f("width", pa.int32(), True, "image width as encoded (original size, EXIF orientation applied)"),
-    _f("height", pa.int32(), True, "image height as encoded (original size, EXIF orientation applied)"),
-    _f("mode", pa.string(), True, "Pillow mode of the source image (RGB, CMYK, I;16, P, ...)"),
-    _f("exif_orientation", pa.int8(), True, "EXIF orientation tag of the source (1..8), null if none"),
-    _f("status", pa.string(), False, "'ok' (bitstream present) or 'failed' (reason and error say why)"),
-    _f("reason", pa.string(), True, "failure reason code (docs/archive-format.md), null when ok"),
-    _f("error", pa.string(), True, "human-readable failure detail, null when ok"),
-    _f("bpp", pa.float32(), True, "bits per pixel of the whole bitstream over width*height"),
-    _f("bitstream_crc32", pa.uint32(), True, "zlib.crc32 of the bitstream column value"),
-    _f("codec_fingerprint", pa.string(), False, "hex sha256 of the codec model that wrote (or would write) the row"),
-    _f("bitstream", pa.large_binary(), True, "the RDEIC bitstream (self-describing; null when failed)"),
-])
+# Derived from the fields of Record (pipeline/rows.py): names, order, types, nullability and docs.
+ARCHIVE_SCHEMA = Record.arrow_schema()
 
 DICTIONARY_COLUMNS = ["shard", "src_url", "mode", "status", "reason", "codec_fingerprint"]
 STATISTICS_COLUMNS = ["key", "shard", "src_index", "status"]
@@ -63,13 +42,12 @@ def build_table(records: Sequence[Record], metadata: dict[str, str] | None = Non
 
     Raises ValueError on duplicate keys: the key is the archive's identity for a sample.
     """
-    ordered = sorted(records, key=lambda r: r.key)
-    for a, b in zip(ordered, ordered[1:]):
-        if a.key == b.key:
-            raise ValueError(f"duplicate archive key {a.key!r} in one shard")
-    columns = {name: [getattr(r, name) for r in ordered] for name in ARCHIVE_SCHEMA.names}
-    schema = ARCHIVE_SCHEMA.with_metadata(_base_metadata() | dict(metadata or {}))
-    return pa.table(columns, schema=schema)
+    seen: set[str] = set()
+    for r in records:
+        if r.key in seen:
+            raise ValueError(f"duplicate archive key {r.key!r} in one shard")
+        seen.add(r.key)
+    return rows_table(records, ARCHIVE_SCHEMA, _base_metadata() | dict(metadata or {}))
 
 
 def _base_metadata() -> dict[str, str]:
