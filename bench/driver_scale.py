@@ -5,7 +5,7 @@
 What is real: the driver (``jobs.commands.archive.run_archive`` with the Ray executor), Ray (a local
 cluster started by this script), the shards (one tiny tar per shard, one 8x8 PNG inside, read by
 the real streaming reader), the Parquet files and the done markers, all in moto
-(``jobs/local_s3.py``, run in a child process so its request handling is not counted as driver
+(``demo/local_s3.py``, run in a child process so its request handling is not counted as driver
 CPU). What is not: the codec. Workers load :class:`StubFactory`, whose encoder returns 16 bytes
 per image, so a shard costs the workers only its I/O and the driver is the part under load.
 
@@ -40,10 +40,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "benchmarks-driver.json"
@@ -64,7 +66,7 @@ class StubEncoder:
 
 @dataclass(frozen=True)
 class StubFactory:
-    """An :class:`pipeline.encoder.EncoderFactory` for :class:`StubEncoder` (pickled to the workers)."""
+    """An encoder factory for :class:`StubEncoder` (pickled to the workers)."""
 
     def identity(self) -> Any:
         from pipeline.encoder import CodecIdentity
@@ -106,13 +108,14 @@ def _tiny_shard(i: int) -> bytes:
 
 
 def _start_moto() -> tuple[subprocess.Popen, str]:
-    """moto (jobs.local_s3) in a child process; returns (process, endpoint)."""
-    code = ("import sys; from jobs.local_s3 import local_s3\n"
+    """moto (demo.local_s3) in a child process; returns (process, endpoint)."""
+    code = ("import sys; from demo.local_s3 import local_s3\n"
             "with local_s3() as s3:\n"
             "    print(s3.endpoint, flush=True)\n"
             "    sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     endpoint = proc.stdout.readline().strip()
     if not endpoint.startswith("http"):
         proc.kill()
@@ -155,7 +158,7 @@ class Sampler:
         self._thread.join()
 
 
-def _slope(points: list[tuple[float, float]]) -> float:
+def _slope(points: Sequence[tuple[float, float]]) -> float:
     """Least-squares slope of y over x."""
     n = len(points)
     if n < 2:
@@ -188,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import jobs.commands.archive as archive_mod
     from jobs.commands.archive import ArchiveJob, run_archive
-    from pipeline.manifest import Manifest, OutputLocation
     from pipeline.executors.ray import RayExecutor
+    from pipeline.manifest import Manifest, OutputLocation
     from pipeline.progress import TqdmProgress
     from pipeline.shards import expand_inputs
 
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         output = f"s3://{OUT_BUCKET}/out"
         job = ArchiveJob(inputs=(pattern,), output=output, model="stub", executor="ray", num_actors=args.actors,
                          storage_options=options, progress=False)
-        archive_mod.RDEICEncoderFactory = lambda *a, **k: StubFactory()  # the stub codec, for this benchmark only
+        # the stub codec, for this benchmark only (never restored: the process ends with the benchmark)
+        mock.patch.object(archive_mod, "RDEICEncoderFactory", lambda *a, **k: StubFactory()).start()
 
         ray.init(num_cpus=max(2, args.actors // 2), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        assert moto.stdin is not None  # stdin=PIPE
         moto.stdin.close()
         moto.wait(timeout=30)
     if args.profile:

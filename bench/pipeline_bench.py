@@ -9,7 +9,7 @@
 * scaling = the same job with the Ray executor and 1 vs 2 CPU actors (end-to-end
   wall time of ``run_archive``, Ray start-up excluded by starting Ray first).
 
-The embedded S3 is moto on loopback (jobs/local_s3.py). Prints a JSON summary and
+The embedded S3 is moto on loopback (demo/local_s3.py). Prints a JSON summary and
 writes docs/benchmarks-pipeline.json.
 """
 
@@ -37,7 +37,7 @@ def _photos(n: int, size: int) -> list[bytes]:
         im = Image.open(paths[i % len(paths)]).convert("RGB")
         im.thumbnail((size, size))
         if i >= len(paths):  # vary repeats so they are not byte-identical
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=92)
         out.append(buf.getvalue())
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+    from demo.local_s3 import local_s3
     from jobs.commands.archive import ArchiveJob, run_archive
-    from jobs.local_s3 import local_s3
     from pipeline.batching import DEFAULT_BATCH_SIZE
     from pipeline.executors.local import LocalExecutor
     from rdeic_core import RDEICCodec

@@ -44,7 +44,7 @@ def run_case(config: str, size: int, batch: int, steps: list[int], repeats: int,
         print(f"  timed out after {timeout} s", flush=True)
         return [{"config": config, "size": size, "batch": batch, "steps": s, "error": f"timeout {timeout}s",
                  "reproducible": "--fast" not in extra} for s in steps]
-    rows = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     if res.returncode or not rows:
         print(res.stderr[-2000:], flush=True)
     for r in rows:
@@ -126,7 +126,7 @@ def pipeline_section(r: dict) -> list[str]:
           enumerate(zip(r["bare_encode_img_per_s"], r["archive_img_per_s"], r["efficiency_per_pair"]))],
         "",
         f"**Median efficiency {r['efficiency_median']}** (target ≥ 0.9). Inside the pipeline, the time not",
-        f"spent in `encode` (reading, image decoding not hidden by the reader thread, Parquet + marker writes)",
+        "spent in `encode` (reading, image decoding not hidden by the reader thread, Parquet + marker writes)",
         f"is {100 * min(overhead):.1f}–{100 * max(overhead):.1f} % of each run's shard time.",
         "",
         f"Ray, 1 vs 2 CPU actors (end to end incl. actor start-up): {r['ray_1_actor_img_per_s']} vs "

@@ -60,7 +60,7 @@ def _merge(key: str, value: object) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[key] = value
     data.setdefault("meta", {})[key] = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "python": platform.python_version(),
     }
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
@@ -135,7 +135,7 @@ def scale(model: str, workers: int, steps: int, upto_mp: float | None = None) ->
         cmd = [sys.executable, "-m", "bench.tiling_bench", "one", "--model", model, "--name", name,
                "--steps", str(steps)] + (["--side", str(side)] if side else [])
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3600)
-        rows = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+        rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
         if res.returncode or not rows:
             return {"name": name, "crop": side, "error": res.stderr[-500:]}
         print(json.dumps(rows[0]), flush=True)
@@ -221,16 +221,19 @@ def quality(model: str) -> list[dict]:
                 d = np.abs(out.astype(np.float64) - ref.astype(np.float64)).mean(axis=2)
                 # seams in the tiled output itself: pixel steps across tile edges vs elsewhere,
                 # relative to the same ratio of the untiled output
-                def step_ratio(x: np.ndarray) -> float:
+                def step_ratio(x: np.ndarray, mask: np.ndarray) -> float:
                     g = np.abs(np.diff(x.astype(np.float64), axis=1)).mean(axis=2)
                     m = mask[:, 1:] & mask[:, :-1]
                     return float(g[m].mean() / g[~m].mean())
                 row = {"name": name, "side": side, "mp": round(side * side / 1e6, 2), "steps": steps,
-                       "bpp_untiled": round(8 * len(s_un) / side**2, 4), "bpp_tiled": round(8 * len(s_ti) / side**2, 4),
+                       "bpp_untiled": round(8 * len(s_un) / side**2, 4),
+                       "bpp_tiled": round(8 * len(s_ti) / side**2, 4),
                        "psnr_untiled": round(psnr(im, ref), 3), "psnr_tiled": round(psnr(im, out), 3),
                        "psnr_tiled_vs_untiled": round(psnr(ref, out), 2),
-                       "diff_at_edges": round(float(d[mask].mean()), 3), "diff_elsewhere": round(float(d[~mask].mean()), 3),
-                       "step_ratio_tiled": round(step_ratio(out), 3), "step_ratio_untiled": round(step_ratio(ref), 3),
+                       "diff_at_edges": round(float(d[mask].mean()), 3),
+                       "diff_elsewhere": round(float(d[~mask].mean()), 3),
+                       "step_ratio_tiled": round(step_ratio(out, mask), 3),
+                       "step_ratio_untiled": round(step_ratio(ref, mask), 3),
                        "decode_s_untiled": round(t_un, 1), "decode_s_tiled": round(t_ti, 1),
                        "path": _path(codec, s_ti)}
                 rows.append(row)
@@ -277,7 +280,8 @@ def sd21(steps: int, height: int, width: int, threads: int) -> dict:
     codec.reproducible = False  # run on `threads` threads: a feasibility figure, not a bytes check
     rng = np.random.default_rng(0)
     src = _load("Dragonfly_by_Bolly.jpg")
-    im = np.ascontiguousarray(src[:height, :width]) if src.shape[0] >= height else rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    im = (np.ascontiguousarray(src[:height, :width]) if src.shape[0] >= height
+          else rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     stream, out, m = _round_trip(codec, im, steps)
     row = {"config": "sd21 (random weights)", "width": width, "height": height, "steps": steps,
            "threads": torch.get_num_threads(), "encode_s": round(m["enc"], 1), "decode_s": round(m["dec"], 1),
@@ -308,14 +312,17 @@ def report() -> Path:
               "codec process) are what a free core takes and are the figures the ratios below use.", "",
               "'path': whole (within `whole_max_pixels`, every pass untiled) or tiled. Rows are dated: a partial",
               "re-run (`--upto-mp`) re-measures only the small images.", "",
-              "| image | size | MP | path | encode s (wall / CPU) | encode CPU s/MP | decode s (wall / CPU) | decode CPU s/MP | peak RSS GiB | bpp | PSNR | measured |",
+              "| image | size | MP | path | encode s (wall / CPU) | encode CPU s/MP | decode s (wall / CPU) "
+              "| decode CPU s/MP | peak RSS GiB | bpp | PSNR | measured |",
               "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted(rows, key=lambda r: (r["crop"] is None, r["mp"])):
             label = f"{r['name']} crop" if r["crop"] else r["name"]
             L.append(f"| {label} | {r['width']}x{r['height']} | {r['mp']:.2f} | {r.get('path', 'tiled')} "
                      f"| {r['encode_s']:.1f} / {r['encode_cpu_s']:.1f} "
-                     f"| {r['encode_cpu_s_per_mp']:.2f} | {r['decode_s']:.1f} / {r['decode_cpu_s']:.1f} | {r['decode_cpu_s_per_mp']:.2f} "
-                     f"| {r['rss_gib_peak']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} | {r.get('date', data['meta']['scale']['date'])} |")
+                     f"| {r['encode_cpu_s_per_mp']:.2f} | {r['decode_s']:.1f} / {r['decode_cpu_s']:.1f} "
+                     f"| {r['decode_cpu_s_per_mp']:.2f} "
+                     f"| {r['rss_gib_peak']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} "
+                     f"| {r.get('date', data['meta']['scale']['date'])} |")
         for r in sc["rows"]:
             if "error" in r:
                 L.append(f"| {r['name']} | failed: {r['error'][-120:]!r} |")
@@ -328,44 +335,59 @@ def report() -> Path:
             eb = statistics.median(r["encode_cpu_s_per_mp"] for r in big)
             db = statistics.median(r["decode_cpu_s_per_mp"] for r in big)
             mb = max(r["rss_gib_peak"] for r in big)
-            L += ["", f"Medians (CPU seconds): ~1 MP ({len(one_mp)} image(s)) encode {e1:.2f} s/MP, decode {d1:.2f} s/MP, peak {m1:.2f} GiB; "
+            L += ["", f"Medians (CPU seconds): ~1 MP ({len(one_mp)} image(s)) encode {e1:.2f} s/MP, "
+                  f"decode {d1:.2f} s/MP, peak {m1:.2f} GiB; "
                   f">= 12 MP ({len(big)} images) encode {eb:.2f} s/MP (x{eb / e1:.2f}), decode {db:.2f} s/MP "
-                  f"(x{db / d1:.2f}), largest peak {mb:.2f} GiB (x{mb / m1:.2f} the 1 MP peak). Acceptance: each ratio <= 1.5."]
+                  f"(x{db / d1:.2f}), largest peak {mb:.2f} GiB (x{mb / m1:.2f} the 1 MP peak). "
+                  "Acceptance: each ratio <= 1.5."]
         allr = [r for r in rows if r["crop"] is None]
         if allr:
             tot_mp = sum(r["mp"] for r in allr)
-            L += ["", f"All {len(allr)} photos of data/photos/full: {tot_mp:.1f} MP, encode {sum(r['encode_cpu_s'] for r in allr):.0f} CPU s, "
-                  f"decode {sum(r['decode_cpu_s'] for r in allr):.0f} CPU s (S = {sc['steps']}), largest peak RSS {max(r['rss_gib_peak'] for r in allr):.2f} GiB."]
+            enc_cpu = sum(r["encode_cpu_s"] for r in allr)
+            dec_cpu = sum(r["decode_cpu_s"] for r in allr)
+            peak = max(r["rss_gib_peak"] for r in allr)
+            L += ["", f"All {len(allr)} photos of data/photos/full: {tot_mp:.1f} MP, encode {enc_cpu:.0f} CPU s, "
+                  f"decode {dec_cpu:.0f} CPU s (S = {sc['steps']}), largest peak RSS {peak:.2f} GiB."]
         L.append("")
     if "quality" in data:
         q = data["quality"]
         L += [f"## Tiled vs untiled (`{q['model']}`, tiling {q['tiling']})", "",
               f"`python -m bench.tiling_bench quality --model {q['model']}` ({data['meta']['quality']['date']}). "
-              "Centre crops; 'untiled' runs every pass whole (the pre-tiling codec). 'edge' pixels lie within 4 px of an "
-              "inner tile edge of the sampler or VAE-decoder grid; 'step ratio' is the mean horizontal pixel step at edges "
-              "over elsewhere (a seam would raise the tiled ratio above the untiled one).", "",
-              "'path' is the one the default codec takes: crops within `whole_max_pixels` run whole, identical to untiled.", "",
-              "| photo | crop | path | S | bpp untiled / tiled | PSNR untiled | PSNR tiled | diff | tiled vs untiled dB | mean abs diff edge / elsewhere | step ratio untiled / tiled | decode s untiled / tiled |",
+              "Centre crops; 'untiled' runs every pass whole (the pre-tiling codec). 'edge' pixels lie within 4 px "
+              "of an inner tile edge of the sampler or VAE-decoder grid; 'step ratio' is the mean horizontal pixel "
+              "step at edges over elsewhere (a seam would raise the tiled ratio above the untiled one).", "",
+              "'path' is the one the default codec takes: crops within `whole_max_pixels` run whole, "
+              "identical to untiled.", "",
+              "| photo | crop | path | S | bpp untiled / tiled | PSNR untiled | PSNR tiled | diff "
+              "| tiled vs untiled dB | mean abs diff edge / elsewhere | step ratio untiled / tiled "
+              "| decode s untiled / tiled |",
               "|---|---|---|---:|---|---:|---:|---:|---:|---|---|---|"]
         for r in q["rows"]:
-            L.append(f"| {r['name']} | {r['side']}² | {r.get('path', 'tiled')} | {r['steps']} | {r['bpp_untiled']:.4f} / {r['bpp_tiled']:.4f} | {r['psnr_untiled']:.2f} "
-                     f"| {r['psnr_tiled']:.2f} | {r['psnr_tiled'] - r['psnr_untiled']:+.2f} | {r['psnr_tiled_vs_untiled']:.1f} "
-                     f"| {r['diff_at_edges']:.2f} / {r['diff_elsewhere']:.2f} | {r['step_ratio_untiled']:.3f} / {r['step_ratio_tiled']:.3f} "
+            L.append(f"| {r['name']} | {r['side']}² | {r.get('path', 'tiled')} | {r['steps']} "
+                     f"| {r['bpp_untiled']:.4f} / {r['bpp_tiled']:.4f} | {r['psnr_untiled']:.2f} "
+                     f"| {r['psnr_tiled']:.2f} | {r['psnr_tiled'] - r['psnr_untiled']:+.2f} "
+                     f"| {r['psnr_tiled_vs_untiled']:.1f} "
+                     f"| {r['diff_at_edges']:.2f} / {r['diff_elsewhere']:.2f} "
+                     f"| {r['step_ratio_untiled']:.3f} / {r['step_ratio_tiled']:.3f} "
                      f"| {r['decode_s_untiled']:.0f} / {r['decode_s_tiled']:.0f} |")
         for s in (0, 2, 5):
             for what, rs in (("all crops", [r for r in q["rows"] if r["steps"] == s]),
-                             ("tiled crops only", [r for r in q["rows"] if r["steps"] == s and r.get("path", "tiled") == "tiled"])):
+                             ("tiled crops only",
+                              [r for r in q["rows"] if r["steps"] == s and r.get("path", "tiled") == "tiled"])):
                 if rs:
                     d = [r["psnr_tiled"] - r["psnr_untiled"] for r in rs]
-                    L.append(f"\nS = {s}, {what}: mean PSNR difference tiled − untiled {statistics.mean(d):+.3f} dB over {len(rs)} crops "
-                             f"(min {min(d):+.2f}, max {max(d):+.2f}); edge/elsewhere diff {statistics.mean(r['diff_at_edges'] for r in rs):.2f} / "
-                             f"{statistics.mean(r['diff_elsewhere'] for r in rs):.2f}.")
+                    edge = statistics.mean(r["diff_at_edges"] for r in rs)
+                    elsewhere = statistics.mean(r["diff_elsewhere"] for r in rs)
+                    L.append(f"\nS = {s}, {what}: mean PSNR difference tiled − untiled {statistics.mean(d):+.3f} dB "
+                             f"over {len(rs)} crops (min {min(d):+.2f}, max {max(d):+.2f}); "
+                             f"edge/elsewhere diff {edge:.2f} / {elsewhere:.2f}.")
         L += ["", "![source | untiled | tiled | |tiled − untiled| x 8 across a tile corner](tiling-corner.png)", ""]
     if "sd21" in data:
         r = data["sd21"]
         L += ["## sd21 (random weights) on the CPU", "",
-              f"`python -m bench.tiling_bench sd21` ({data['meta']['sd21']['date']}): {r['width']}x{r['height']}, S = {r['steps']}, "
-              f"{r['threads']} threads: encode {r['encode_s']:.0f} s, decode {r['decode_s']:.0f} s, peak RSS {r['rss_gib_peak']:.2f} GiB "
+              f"`python -m bench.tiling_bench sd21` ({data['meta']['sd21']['date']}): {r['width']}x{r['height']}, "
+              f"S = {r['steps']}, {r['threads']} threads: encode {r['encode_s']:.0f} s, decode {r['decode_s']:.0f} s, "
+              f"peak RSS {r['rss_gib_peak']:.2f} GiB "
               f"(after encode {r['rss_gib_after_encode']:.2f}, weights loaded {r['rss_gib_before']:.2f}).", ""]
     REPORT.write_text("\n".join(L) + "\n")
     return REPORT

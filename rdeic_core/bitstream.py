@@ -16,6 +16,7 @@ import operator
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import SupportsIndex
 
 MAGIC = b"RDE"
 VERSION = 1
@@ -37,7 +38,7 @@ class ModelMismatchError(BitstreamError):
 
 def _as_int(name: str, value: object, lo: int, hi: int) -> int:
     """Accept any integer-like value (numpy ints included) within [lo, hi]."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     try:
         v = operator.index(value)

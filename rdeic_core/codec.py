@@ -21,14 +21,16 @@ reads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import zlib
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +51,16 @@ FORMAT_NAME = "rdeic-codec"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+_T = TypeVar("_T")
+
+
+def _filled(slots: list[_T | None]) -> list[_T]:
+    """``slots`` once every one holds its result (each batch of a call writes its own images')."""
+    out = [s for s in slots if s is not None]
+    if len(out) != len(slots):
+        raise RuntimeError(f"internal error: {len(slots) - len(out)} of {len(slots)} images got no result")
+    return out
 
 
 @dataclass
@@ -79,6 +91,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 
 class RDEICCodec(nn.Module):
+    context: torch.Tensor  # buffer [1, context_len, context_dim]: the empty-prompt text embedding
+
     def __init__(self, config: CodecConfig):
         super().__init__()
         config.validate()
@@ -99,7 +113,7 @@ class RDEICCodec(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: str | CodecConfig, seed: int = 0) -> "RDEICCodec":
+    def from_config(cls, config: str | CodecConfig, seed: int = 0) -> RDEICCodec:
         """A codec with random weights (reproducible from ``seed``)."""
         cfg = get_config(config) if isinstance(config, str) else config
         with torch.random.fork_rng(devices=[]):
@@ -111,7 +125,7 @@ class RDEICCodec(nn.Module):
         return codec.eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "RDEICCodec":
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> RDEICCodec:
         """Load a model directory written by :meth:`save_pretrained` (or a shipped model name)."""
         from safetensors.torch import load_file
 
@@ -196,9 +210,9 @@ class RDEICCodec(nn.Module):
         self._fingerprint = None
         return self.fingerprint
 
-    def to(self, *args: Any, **kwargs: Any) -> "RDEICCodec":  # type: ignore[override]
+    def to(self, *args: Any, **kwargs: Any) -> RDEICCodec:
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
-        self.fingerprint  # pin the identity to the float32 weights before any cast
+        _ = self.fingerprint  # pin the identity to the float32 weights before any cast
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
@@ -248,9 +262,10 @@ class RDEICCodec(nn.Module):
             out[i] = Bitstream(header=header, z_payload=comp.z_bytes, y_payload=comp.y_string).to_bytes()
 
         m, tc = self.config.pad_multiple, self.tiling
-        small = [i for i, a in enumerate(arrays) if tc.runs_whole(*padded_size(*a.shape[:2], m), [tc.encode_tile])]
+        small = [i for i, a in enumerate(arrays)
+                 if tc.runs_whole(*padded_size(a.shape[0], a.shape[1], m), [tc.encode_tile])]
         large = sorted(set(range(len(arrays))) - set(small))
-        for idx in self._batches_by_size([arrays[i].shape[:2] for i in small]):
+        for idx in self._batches_by_size([(arrays[i].shape[0], arrays[i].shape[1]) for i in small]):
             idx = [small[j] for j in idx]
             feat = self.vae.encode_features(self._to_input(pad_batch([arrays[i] for i in idx], m))).float()
             for i, comp in zip(idx, self.compression.compress(feat)):
@@ -259,7 +274,7 @@ class RDEICCodec(nn.Module):
             feats = self._encode_features_tiled([arrays[i] for i in large])
             for i, feat in zip(large, feats):
                 emit(i, self.compression.compress(feat[None].to(self.device))[0])
-        return out  # type: ignore[return-value]
+        return _filled(out)
 
     def _encode_features_tiled(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """VAE encoder features of large images, on overlapping tiles blended in feature space.
@@ -275,12 +290,14 @@ class RDEICCodec(nn.Module):
         run = lambda images, x: forward(x)  # noqa: E731
         if tc.share_norm_stats:
             limit = tc.norm_proxy_tiles * tc.encode_tile
-            proxies = (torch.nn.functional.interpolate(x, size=proxy_size(*x.shape[-2:], limit, 64), mode="area")
+            proxies = (torch.nn.functional.interpolate(x, size=proxy_size(x.shape[-2], x.shape[-1], limit, 64),
+                                                       mode="area")
                        for x in (self._to_input(p[None]) for p in padded))
             run = normalised_by_image(self.vae.vae.encoder, forward, proxies)
 
         def fn(chunk: list[Tile]) -> torch.Tensor:
-            px = np.stack([padded[t.image][t.y * 8:(t.y + t.h) * 8, t.x * 8:(t.x + t.w) * 8] for t in chunk])  # H x W x 3
+            # H x W x 3 pixels of each tile
+            px = np.stack([padded[t.image][t.y * 8:(t.y + t.h) * 8, t.x * 8:(t.x + t.w) * 8] for t in chunk])
             return run([t.image for t in chunk], self._to_input(px))
 
         return run_tiled(sizes, tiles, blends, fn, self.config.compression.in_nc, tc.batch)
@@ -291,7 +308,8 @@ class RDEICCodec(nn.Module):
         return (x.to(self.compute_dtype) / 255.0) * 2.0 - 1.0
 
     def _images_per_pass(self, pixels: int, tile_pixels: int) -> int:
-        """Whole (untiled) images per network pass: at most max_batch, and no more pixels than ``tiling.batch`` tiles."""
+        """Whole (untiled) images per network pass: at most max_batch, and no more pixels than
+        ``tiling.batch`` tiles."""
         return max(1, min(self.max_batch, self.tiling.batch * tile_pixels // pixels))
 
     def _batches_by_size(self, sizes: Iterable[tuple[int, int]]) -> list[list[int]]:
@@ -330,7 +348,8 @@ class RDEICCodec(nn.Module):
                                            parsed[0].header.z_shape, [p.header.y_hat_crc32 for p in parsed])
         return DecodedLatents(c_latent=c, guide_hint=g, headers=[p.header for p in parsed])
 
-    def noise_for(self, seed: int, latent_shape: tuple[int, ...], steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def noise_for(self, seed: int, latent_shape: tuple[int, ...],
+                  steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Decoder noise of one image: CPU generator seeded from the header, so it is device independent."""
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         start = torch.randn((1, *latent_shape), generator=g, dtype=torch.float32)
@@ -398,7 +417,7 @@ class RDEICCodec(nn.Module):
                 for k in range(0, len(idx), n):
                     chunk = idx[k:k + n]
                     self._decode_chunk([parsed[i] for i in chunk], s, ds, chunk, out)
-        return out  # type: ignore[return-value]
+        return _filled(out)
 
     def _decode_chunk(self, items: list[Bitstream], steps: int, detail_scale: float,
                       positions: list[int], out: list) -> None:
@@ -447,16 +466,15 @@ class RDEICCodec(nn.Module):
         def crops(canvases: Sequence[torch.Tensor], chunk: list[Tile]) -> torch.Tensor:
             return torch.stack([crop(canvases[t.image], t) for t in chunk]).to(self.device)
 
+        def eps_tiles(t: int, canvases: Sequence[torch.Tensor], chunk: list[Tile]) -> torch.Tensor:
+            hint = crops(guide_hints, chunk).to(dt)
+            return guided_eps(lambda x, tt: ne(x.to(dt), tt, ctx, hint).float(),
+                              lambda x, tt: ne.forward_unconditional(x.to(dt), tt, ctx).float(),
+                              crops(canvases, chunk), t, detail_scale)
+
         for i, k in enumerate(reversed(range(len(sched.timesteps)))):
-            t = sched.timesteps[k]
-
-            def eps_tiles(chunk: list[Tile]) -> torch.Tensor:
-                hint = crops(guide_hints, chunk).to(dt)
-                return guided_eps(lambda x, tt: ne(x.to(dt), tt, ctx, hint).float(),
-                                  lambda x, tt: ne.forward_unconditional(x.to(dt), tt, ctx).float(),
-                                  crops(xs, chunk), t, detail_scale)
-
-            eps = run_tiled(sizes, tiles, blends, eps_tiles, self.config.latent_channels, tc.batch)
+            fn = functools.partial(eps_tiles, sched.timesteps[k], xs)
+            eps = run_tiled(sizes, tiles, blends, fn, self.config.latent_channels, tc.batch)
             xs = [relay_step(x, e, k, sched, n[1][i][0]) for x, e, n in zip(xs, eps, noises)]
         return xs
 
@@ -470,8 +488,9 @@ class RDEICCodec(nn.Module):
         run = lambda images, z: forward(z)  # noqa: E731
         if tc.share_norm_stats:
             limit = tc.norm_proxy_tiles * tc.decode_tile
-            proxies = (torch.nn.functional.interpolate(z[None].float(), size=proxy_size(*z.shape[-2:], limit, 8),
-                                                       mode="area") for z in latents)
+            proxies = (torch.nn.functional.interpolate(z[None].float(),
+                                                       size=proxy_size(z.shape[-2], z.shape[-1], limit, 8), mode="area")
+                       for z in latents)
             run = normalised_by_image(self.vae.vae.decoder, forward, proxies)
 
         def fn(chunk: list[Tile]) -> torch.Tensor:

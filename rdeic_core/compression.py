@@ -30,7 +30,7 @@ import contextlib
 import copy
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -101,10 +101,6 @@ class Compressed:
     z_indices: np.ndarray  # int64 [H/64, W/64] codebook indices
     z_bytes: bytes  # z_indices bit-packed at ceil(log2 K) bits each, row-major, MSB first
     y_hat_crc32: int  # CRC32 of y_hat in int64 fixed point; lets a decoder detect a desync
-    num_bits: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "num_bits", 8 * (len(self.y_string) + len(self.z_bytes)))
 
     @property
     def z_shape(self) -> tuple[int, int]:
@@ -196,6 +192,12 @@ class _Nets64:
     modules: dict[str, nn.Module]
     # (source tensor, alias keeping its storage alive, version at copy time) per source tensor
     sources: list[tuple[torch.Tensor, torch.Tensor, int]]
+
+    def module_list(self, name: str) -> nn.ModuleList:
+        m = self.modules[name]
+        if not isinstance(m, nn.ModuleList):
+            raise TypeError(f"{name} is a {type(m).__name__}, not a ModuleList")
+        return m
 
     def is_current(self, tensors: list[torch.Tensor], device: torch.device) -> bool:
         if device != self.device or len(tensors) != len(self.sources):
@@ -332,9 +334,11 @@ class CompressionModule(CompressionModel):
         self.local_context = nn.ModuleList(
             nn.Conv2d(c, 2 * c, kernel_size=5, stride=1, padding=2) for c in ch
         )
-        # index 0 holds None, as in the reference (slice 0 has no channel context)
+        # index 0 holds None, as in the reference (slice 0 has no channel context). torch accepts None
+        # entries (ModuleList.extend -> add_module(name, None)), its annotation (Iterable[Module]) does not.
         self.channel_context = nn.ModuleList(
-            ChannelContextEX(sum(ch[:i]), 2 * ch[i], cfg.cc_hidden) if i else None for i in range(self.slice_num)
+            ChannelContextEX(sum(ch[:i]), 2 * ch[i], cfg.cc_hidden) if i else None  # type: ignore[misc]
+            for i in range(self.slice_num)
         )
         self.entropy_parameters_anchor = nn.ModuleList(
             EntropyParametersEX(2 * M + (2 * ch[i] if i else 0), 2 * ch[i]) for i in range(self.slice_num)
@@ -399,7 +403,7 @@ class CompressionModule(CompressionModel):
         return self.out(guide_hint), guide_hint
 
     # ------------------------------------------------------------------ entropy tables
-    def update(self, scale_table: torch.Tensor | None = None, force: bool = False) -> bool:  # type: ignore[override]
+    def update(self, scale_table: torch.Tensor | None = None, force: bool = False) -> bool:
         """Build the Gaussian CDF tables; returns True if the tables changed.
 
         Without ``force`` existing tables are kept. The tables are always
@@ -462,11 +466,11 @@ class CompressionModule(CompressionModel):
         )
 
     # ------------------------------------------------------------------ float64 entropy-parameter path
-    def _apply(self, fn: Any, recurse: bool = True) -> "CompressionModule":  # type: ignore[override]
+    def _apply(self, fn: Any, recurse: bool = True) -> CompressionModule:
         self._nets64 = None  # device/dtype moves invalidate the float64 copies
         return super()._apply(fn, recurse)
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True) -> Any:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Any, strict: bool = True) -> Any:
         self._nets64 = None
         return super().load_state_dict(state_dict, strict=strict)
 
@@ -520,25 +524,28 @@ class CompressionModule(CompressionModel):
         scales, means = params.chunk(2, 1)
         return scale_indexes(scales, tables.scale_table, tables.scale_bound), snap_means(means)
 
-    def _code_latents(self, nets: _Nets64, hyper: torch.Tensor, coder: _SymbolCoder, tables: _CdfTables) -> torch.Tensor:
+    def _code_latents(self, nets: _Nets64, hyper: torch.Tensor, coder: _SymbolCoder,
+                      tables: _CdfTables) -> torch.Tensor:
         """The one slice/checkerboard loop shared by encoder and decoder -> y_hat, int64 fixed point.
 
         Order (fixed by the bitstream): slice by slice; per slice all anchors,
         then all non-anchors, each in squeezed row-major order.
         """
-        m = nets.modules
+        channel_context, local_context = nets.module_list("channel_context"), nets.module_list("local_context")
+        params_a = nets.module_list("entropy_parameters_anchor")
+        params_n = nets.module_list("entropy_parameters_nonanchor")
         prev: list[torch.Tensor] = []  # y_hat slices so far, exact float64
         fixed_slices: list[torch.Tensor] = []
         for i in range(self.slice_num):
-            ctx = m["channel_context"][i](torch.cat(prev, dim=1)) if i else None
+            ctx = channel_context[i](torch.cat(prev, dim=1)) if i else None
             anchor_in = hyper if ctx is None else torch.cat([ctx, hyper], dim=1)
             # the entropy-parameter nets are 1x1 convs: run them on the squeezed half only
-            idx_a, mu_a = self._snap(m["entropy_parameters_anchor"][i](squeeze_anchor(anchor_in)), tables)
+            idx_a, mu_a = self._snap(params_a[i](squeeze_anchor(anchor_in)), tables)
             y_a = coder.code(i, True, idx_a, mu_a) * MEAN_SCALE + mu_a
 
-            local = m["local_context"][i](unsqueeze_anchor(fixed_to_float(y_a)))
+            local = local_context[i](unsqueeze_anchor(fixed_to_float(y_a)))
             nonanchor_in = torch.cat([local, hyper] if ctx is None else [local, ctx, hyper], dim=1)
-            idx_n, mu_n = self._snap(m["entropy_parameters_nonanchor"][i](squeeze_nonanchor(nonanchor_in)), tables)
+            idx_n, mu_n = self._snap(params_n[i](squeeze_nonanchor(nonanchor_in)), tables)
             y_n = coder.code(i, False, idx_n, mu_n) * MEAN_SCALE + mu_n
 
             fixed = merge_squeezed(y_a, y_n)
@@ -546,7 +553,8 @@ class CompressionModule(CompressionModel):
             prev.append(fixed_to_float(fixed))
         return torch.cat(fixed_slices, dim=1)
 
-    def _decode_fixed(self, y_strings: Sequence[bytes], z_indices: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _decode_fixed(self, y_strings: Sequence[bytes],
+                      z_indices: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The decoder: z indices + y strings -> y_hat (int64 fixed point) and the decoded symbols."""
         tables = self._cdf_tables()
         nets = self._entropy_nets()

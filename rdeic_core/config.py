@@ -118,23 +118,23 @@ class CodecConfig:
         if len(self.vae["block_out_channels"]) != 4:
             raise ValueError("the VAE must downsample by 8 (4 levels), as SD's")
         if self.pad_multiple % 64:
-            raise ValueError("pad_multiple must be a multiple of 64 (y at H/16 must split into a checkerboard, z is H/64)")
+            raise ValueError(
+                "pad_multiple must be a multiple of 64 (y at H/16 must split into a checkerboard, z is H/64)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return json.loads(json.dumps(d))  # tuples -> lists, a plain JSON tree
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CodecConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CodecConfig:
         d = copy.deepcopy(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown codec config keys: {sorted(unknown)}")
         comp = d.pop("compression", {})
-        comp = CompressionConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in comp.items()}
-        )
+        comp_fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in comp.items()}
+        comp = CompressionConfig(**comp_fields)
         ctrl = ControlConfig(**d.pop("control", {}))
         sched = ScheduleConfig(**d.pop("schedule", {}))
         cfg = cls(compression=comp, control=ctrl, schedule=sched, **d)
@@ -197,7 +197,8 @@ def tiny() -> CodecConfig:
         codebook_size=1024,
         cc_hidden=(28, 16),
     )
-    ctrl = ControlConfig(ratio=0.2, num_head_channels=4, norm_groups=8)  # 1x1 bottleneck of a 64-px image needs >1 value per group
+    # norm_groups=8: the 1x1 bottleneck of a 64-px image needs >1 value per group
+    ctrl = ControlConfig(ratio=0.2, num_head_channels=4, norm_groups=8)
     return CodecConfig(name="tiny", vae=vae, unet=unet, compression=comp, control=ctrl)
 
 

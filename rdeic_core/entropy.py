@@ -59,7 +59,7 @@ class EntropyCodingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- tables and bit packing
-def get_scale_table(min: float = 0.11, max: float = 256.0, levels: int = 64) -> torch.Tensor:  # noqa: A002
+def get_scale_table(min: float = 0.11, max: float = 256.0, levels: int = 64) -> torch.Tensor:
     """Log-spaced Gaussian scales, float32: ``exp(linspace(ln 0.11, ln 256, 64))`` (compressai default)."""
     return torch.exp(torch.linspace(math.log(min), math.log(max), levels))
 
@@ -205,7 +205,8 @@ def snap_means(means: torch.Tensor) -> torch.Tensor:
         raise EntropyCodingError("entropy parameters: non-finite mean (NaN/inf in the entropy-parameter nets)")
     peak = float(means.abs().max()) if means.numel() else 0.0
     if peak > MAX_ABS_MEAN:
-        raise EntropyCodingError(f"entropy parameters: |mean| = {peak:.3g} exceeds the codable range {MAX_ABS_MEAN:.3g}")
+        raise EntropyCodingError(
+            f"entropy parameters: |mean| = {peak:.3g} exceeds the codable range {MAX_ABS_MEAN:.3g}")
     return torch.round(means * MEAN_SCALE).to(torch.int64)
 
 

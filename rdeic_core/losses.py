@@ -11,9 +11,10 @@ and compares images.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +22,7 @@ from .config import ScheduleConfig
 from .schedule import alphas_cumprod, relay_lambda
 
 
-def _coef(values: Sequence[float] | torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _coef(values: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     arr = torch.as_tensor(values, dtype=torch.float64)[t.cpu().long()]
     return arr.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.dim() - 1)))
 
@@ -48,7 +49,9 @@ def predict_x0(z_t: torch.Tensor, t: torch.Tensor, eps_hat: torch.Tensor, cfg: S
 
 def rate_bpp(likelihoods: Sequence[torch.Tensor], num_pixels: int) -> torch.Tensor:
     """−Σ log2 p / (B·H·W) in image pixels (noise-proxy rate, spec 4.3)."""
-    total = sum(torch.log(l).sum() for l in likelihoods)
+    total = torch.log(likelihoods[0]).sum()
+    for lik in likelihoods[1:]:
+        total = total + torch.log(lik).sum()
     return total / (-math.log(2.0) * num_pixels)
 
 

@@ -27,8 +27,8 @@ checkpoint is a rename of the leaf names inside the diffusers blocks only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ class TimestepBlockSequence(nn.ModuleList):
     ``0``, ``1``, ... exactly like the LDM checkpoint keys.
     """
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         for module in self:
             if isinstance(module, ResnetBlock2D):
                 h = module(h, emb)
@@ -267,6 +267,8 @@ class NoiseEstimator(nn.Module):
     ``gradient_checkpointing = True`` to recompute blocks in the backward pass
     (the reference trains with ``use_checkpoint: True``).
     """
+
+    scale_list: torch.Tensor  # buffer: one scale per control injection (encoder, middle, decoder)
 
     def __init__(self, config: CodecConfig, unet: UNet2DConditionModel | None = None):
         super().__init__()

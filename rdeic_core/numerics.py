@@ -19,7 +19,7 @@ for one image's latency.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -40,10 +40,10 @@ def reproducible(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-_SAFE_SUBCLASSES: dict[type, type] = {}
+_SAFE_SUBCLASSES: dict[type[nn.GroupNorm], type] = {}
 
 
-def _singleton_safe(cls: type) -> type:
+def _singleton_safe(cls: type[nn.GroupNorm]) -> type:
     """A subclass of a GroupNorm class that accepts groups holding a single value.
 
     A 64-pixel image has a 1x1 bottleneck, and a narrow model (the control

@@ -17,7 +17,7 @@ fine-tuning (stage 2 trains exactly this chain).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -3,8 +3,9 @@
 RDEIC does not compress the VAE's posterior latent: it takes the encoder's
 feature just before ``conv_out`` — ``SiLU(GroupNorm(mid_block(...)))``, 512
 channels at H/8 for SD 2.1 — and multiplies it by the latent scaling factor
-0.18215 (spec section 1; ``encode_hc`` in the reference). The posterior
-latent is still needed for training (z_0 = 0.18215 * posterior.sample()).
+0.18215 (spec section 1; ``encode_hc`` in the reference). Training also needs
+the posterior latent (z_0 = 0.18215 * posterior.sample()): it takes both from one
+encoder pass (``training.stages.encode_for_training``).
 """
 
 from __future__ import annotations
@@ -32,13 +33,6 @@ class SDVAE(nn.Module):
         h = enc.conv_norm_out(h)
         h = enc.conv_act(h)
         return h * self.scaling_factor
-
-    def encode_latent(self, x: torch.Tensor, sample: bool = True,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """z_0 = scaling * posterior.sample() (training target, spec 4.3)."""
-        dist = self.vae.encode(x).latent_dist
-        z = dist.sample(generator=generator) if sample else dist.mode()
-        return z * self.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent (scaled) -> image in about [-1, 1]."""

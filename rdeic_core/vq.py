@@ -28,6 +28,8 @@ __all__ = ["VectorQuantiser"]
 class VectorQuantiser(nn.Module):
     """Codebook ``embedding.weight`` [K, D], running usage ``embed_prob`` [K]."""
 
+    embed_prob: torch.Tensor
+
     def __init__(
         self,
         num_embed: int,
@@ -52,8 +54,6 @@ class VectorQuantiser(nn.Module):
         self.embedding = nn.Embedding(self.num_embed, self.embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / self.num_embed, 1.0 / self.num_embed)
         self.register_buffer("embed_prob", torch.zeros(self.num_embed))
-        # eval-time usage counter (not part of checkpoints): for codebook-usage statistics only
-        self.register_buffer("usage", torch.zeros(self.num_embed, dtype=torch.int64), persistent=False)
 
     # ------------------------------------------------------------------ training / eval forward
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +61,7 @@ class VectorQuantiser(nn.Module):
 
         In training mode z_q carries the straight-through gradient and the
         codebook is re-initialised online (a side effect, as in the reference).
-        In eval mode the loss is a zero scalar and only the usage counter changes.
+        In eval mode the loss is a zero scalar and nothing changes.
         """
         self._check_input(z)
         b, _, h, w = z.shape
@@ -82,7 +82,6 @@ class VectorQuantiser(nn.Module):
         z_q = F.embedding(indices, weight).view(z.shape)
 
         if not self.training:
-            self.usage += torch.bincount(indices, minlength=self.num_embed).to(self.usage.dtype)
             z_q = z_q.permute(0, 3, 1, 2).contiguous()
             return z_q, z.new_zeros(()), indices.view(b, h, w)
 
@@ -148,14 +147,6 @@ class VectorQuantiser(nn.Module):
             if lo < 0 or hi >= self.num_embed:
                 raise ValueError(f"codebook index out of range [0, {self.num_embed}): min {lo}, max {hi}")
         return F.embedding(indices, self.embedding.weight).permute(0, 3, 1, 2).contiguous()
-
-    # ------------------------------------------------------------------ statistics
-    def reset_usage(self) -> None:
-        self.usage.zero_()
-
-    def codebook_usage(self) -> float:
-        """Fraction of codes used at least once since the last :meth:`reset_usage` (eval mode)."""
-        return float((self.usage > 0).sum()) / self.num_embed
 
     def _check_input(self, z: torch.Tensor) -> None:
         if z.dim() != 4 or z.size(1) != self.embed_dim:

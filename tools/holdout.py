@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-from photos import load_split  # noqa: E402  (tools/ is not a package)
+sys.path.insert(0, str(REPO))  # `python tools/holdout.py` puts only tools/ on the path
+from tools.photos import load_split  # noqa: E402
+
 PHOTOS = REPO / "data" / "photos"
 RUN = REPO / "runs" / "holdout"
 OUT = REPO / "outputs" / "holdout"
@@ -60,7 +61,7 @@ def prepare_photos() -> Path:
 
 def test768() -> Path:
     """The test photos at the validation size (768x512 / 512x768 centre crop, as tools/photos.py makes val768)."""
-    from photos import load_rgb, resize_cover_crop, save_png, val_target_size  # type: ignore[import-not-found]
+    from tools.photos import load_rgb, resize_cover_crop, save_png, val_target_size
 
     out = RUN / "test768"
     out.mkdir(parents=True, exist_ok=True)
@@ -121,8 +122,10 @@ def evaluate() -> Path:
         for steps in (0, 2):
             row = _row(rd["per_image"], label, f"S={steps}")
             L.append(f"| {desc} | {photos} | {steps} | {row['bpp']:.4f} | {row['psnr']:.2f} | {row['ms_ssim']:.4f} "
-                     f"| {row['jpeg_bpp']:.4f} / {row['jpeg_psnr']:.2f} | {row['d_jpeg']:+.2f} ({row['above_jpeg']} of {row['n']}) "
-                     f"| {row['webp_bpp']:.4f} / {row['webp_psnr']:.2f} | {row['d_webp']:+.2f} ({row['above_webp']} of {row['n']}) |")
+                     f"| {row['jpeg_bpp']:.4f} / {row['jpeg_psnr']:.2f} "
+                     f"| {row['d_jpeg']:+.2f} ({row['above_jpeg']} of {row['n']}) "
+                     f"| {row['webp_bpp']:.4f} / {row['webp_psnr']:.2f} "
+                     f"| {row['d_webp']:+.2f} ({row['above_webp']} of {row['n']}) |")
     L += ["", "'nearest rate': per image, the JPEG (quality 1–95) or WebP (quality 0–100) file whose size is nearest",
           "to the model's bitstream; JPEG cannot go below about 0.15 bpp here, so its nearest point is usually at",
           "a higher rate than the model's. Δ is the mean over images of model PSNR minus that point's PSNR.", ""]

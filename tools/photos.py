@@ -300,8 +300,7 @@ def _check_size(path: Path, entry: PhotoEntry) -> None:
 def load_rgb(path: Path) -> Image.Image:
     """Decode to upright 8-bit RGB (EXIF orientation applied), with no metadata carried along."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        rgb = im.convert("RGB")
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
     rgb.info = {}
     return rgb
 

@@ -146,13 +146,14 @@ def model_card(a: argparse.Namespace, name: str, lambda_g: float, stages: list[S
         "Evaluation (rate-distortion against JPEG/WebP on the validation photos): `docs/mini.md`.",
         "",
         f"- rate point: lambda_g = {lambda_g:g}"
-        + (f" (other rate points of the same recipe, sharing its VAE and prior: {', '.join(others)})" if others else ""),
+        + (f" (other rate points of the same recipe, sharing its VAE and prior: {', '.join(others)})"
+           if others else ""),
         f"- stage 2 fine-tuned for S = {a.fixed_step} sampler steps",
         f"- perceptual loss of stage 2: `{perceptual}`"
         + (" (the MS-SSIM substitute: LPIPS weights are not available here, see docs/training.md)"
            if perceptual and perceptual.startswith("ms-ssim") else ""),
         f"- trained by commit: `{commit}`",
-        f"- finished: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- finished: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- weights: `model.safetensors`, {size / 1e6:.2f} MB (fp32)",
         "",
         "## Recipe",
@@ -260,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = out / name / st.name / "model"
         print(f"train_mini: {stage_name} of {[n for n, _ in a.rate_points]} side by side", flush=True)
         run_dirs = [out / name / per_rate[name][k].name for name, _ in a.rate_points]
-        before = [last_checkpoint_step(d) for d in run_dirs]
+        steps_before = [last_checkpoint_step(d) for d in run_dirs]
         wall = run_stages(cmds, logs)
-        record(stage_name, wall, any(last_checkpoint_step(d) > b for d, b in zip(run_dirs, before)))
+        record(stage_name, wall, any(last_checkpoint_step(d) > b for d, b in zip(run_dirs, steps_before)))
         print(f"train_mini: {stage_name} done in {wall:.0f} s", flush=True)
 
     command = ("python tools/train_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

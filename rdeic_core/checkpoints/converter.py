@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..config import CodecConfig, _SD21_UNET, _SD21_VAE, get_config
+from ..config import _SD21_UNET, _SD21_VAE, CodecConfig, get_config
 from ..schedule import alphas_cumprod as schedule_alphas_cumprod
 from . import infer, keymap, openclip_text
 from .errors import CheckpointError
@@ -238,7 +238,8 @@ def _map_file(tensors: dict[str, torch.Tensor], cfg: CodecConfig, diffusers_part
     return km, rebuilt, renames
 
 
-def _text_tower(src: _Sources, hints: ArchHints) -> tuple[openclip_text.TextTower, str, str, list[tuple[int, str]]] | None:
+def _text_tower(src: _Sources,
+                hints: ArchHints) -> tuple[openclip_text.TextTower, str, str, list[tuple[int, str]]] | None:
     """(tower, layer, description, [(file index, key used)]) from the inputs' text encoder, if any."""
     files = src.accounts()
     openclip: dict[str, torch.Tensor] = {}
@@ -314,7 +315,7 @@ def build_codec(sd: str | os.PathLike, rdeic: str | os.PathLike, context: str | 
         CheckpointError: listing every unexplained source key, unfilled tensor and shape mismatch.
         UnsafeCheckpointError: a pickle needing more than tensors and plain containers.
     """
-    from ..codec import RDEICCodec  # noqa: F811 - the codec pulls in diffusers; import when used
+    from ..codec import RDEICCodec  # the codec pulls in diffusers: import it when used
 
     hints = hints or ArchHints()
     src = _load_sources(sd, rdeic, hash_files, want_text=context is None)
@@ -379,7 +380,7 @@ def build_codec(sd: str | os.PathLike, rdeic: str | os.PathLike, context: str | 
     else:
         ctx_desc = {"from": "tensor file", "source": ctx_source}
 
-    for idx, (acc, tensors) in enumerate(files):
+    for acc, tensors in files:
         explained = set(acc.mapped) | set(acc.rebuilt) | set(acc.context) | set(acc.config)
         is_text_encoder = parts_by_source.get(id(acc.source)) == "text_encoder"
         for k in tensors:
@@ -391,6 +392,7 @@ def build_codec(sd: str | os.PathLike, rdeic: str | os.PathLike, context: str | 
             else:
                 acc.ignored[k] = reason
 
+    assert ctx_tensor is not None  # from the context file, or else the text tower (no tower raised above)
     with torch.device("meta"):  # shapes only: check everything before paying for a real model
         shell = RDEICCodec(cfg)
     _check_fit(shell.state_dict(), merged, files, ctx_tensor)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..config import CodecConfig, CompressionConfig, ControlConfig, ScheduleConfig, _SD21_UNET, _SD21_VAE
+from ..config import _SD21_UNET, _SD21_VAE, CodecConfig, CompressionConfig, ControlConfig, ScheduleConfig
 from .errors import CheckpointError
 from .keymap import COMPRESSION_PREFIX, CONTROL_NET_PREFIX, UNET_PREFIX, VAE_PREFIX
 
@@ -47,7 +47,7 @@ class ArchHints:
     scaling_factor: float = 0.18215
 
     @classmethod
-    def from_pairs(cls, pairs: list[str] | None) -> "ArchHints":
+    def from_pairs(cls, pairs: list[str] | None) -> ArchHints:
         """``["unet_head_channels=8", ...]`` (the CLI's ``--hint``) -> hints, typed by the field defaults."""
         hints = cls()
         types = {f.name: type(getattr(hints, f.name)) for f in fields(cls)}

@@ -55,7 +55,8 @@ SCHEDULE_BUFFERS = (
 
 # (predicate on the source key, reason). Checked in order; the first match wins.
 IGNORE_RULES: tuple[tuple[Callable[[str], bool], str], ...] = (
-    (lambda k: k in SCHEDULE_BUFFERS, "diffusion schedule buffer (ours comes from the config; alphas_cumprod is checked)"),
+    (lambda k: k in SCHEDULE_BUFFERS,
+     "diffusion schedule buffer (ours comes from the config; alphas_cumprod is checked)"),
     (lambda k: k == "logvar", "LDM training-loss weight"),
     (lambda k: k.startswith("model_ema."), "EMA shadow weights (RDEIC runs with use_ema: False)"),
     (lambda k: k.startswith("perceptual_loss."), "LPIPS training loss of stage-2 fine-tuning"),
@@ -72,7 +73,8 @@ _CDF_RE = re.compile(r"^(?P<mod>.*gaussian_conditional)\.(?P<buf>_quantized_cdf|
 # exposed the CDF buffers without the underscore; normalise both before mapping.
 _EB_OLD_RE = re.compile(r"^(?P<mod>.+)\.(?P<kind>_matrix|_bias|_factor)(?P<idx>\d+)$")
 _EB_NEW = {"_matrix": "matrices", "_bias": "biases", "_factor": "factors"}
-_OLD_CDF_RE = re.compile(r"^(?P<mod>.+\.(?:gaussian_conditional|entropy_bottleneck))\.(?P<buf>quantized_cdf|offset|cdf_length)$")
+_OLD_CDF_RE = re.compile(
+    r"^(?P<mod>.+\.(?:gaussian_conditional|entropy_bottleneck))\.(?P<buf>quantized_cdf|offset|cdf_length)$")
 
 # LDM ResBlock / Downsample leaves -> diffusers ResnetBlock2D / Downsample2D leaves.
 _RESBLOCK_LEAVES = (
@@ -85,7 +87,8 @@ _RESBLOCK_LEAVES = (
     ("op.", "conv."),
 )
 _CONTROL_BLOCK_RE = re.compile(r"^(?P<block>input_blocks\.\d+\.\d+|middle_block\.\d+)\.(?P<leaf>.+)$")
-_ZERO_CONV_RE = re.compile(r"^(enc_zero_convs_out\.\d+\.0|middle_block_out\.0|dec_zero_convs_out\.\d+\.0)\.(weight|bias)$")
+_ZERO_CONV_RE = re.compile(
+    r"^(enc_zero_convs_out\.\d+\.0|middle_block_out\.0|dec_zero_convs_out\.\d+\.0)\.(weight|bias)$")
 
 
 @dataclass
@@ -96,17 +99,13 @@ class KeyMap:
     origin: dict[str, str] = field(default_factory=dict)  # our key -> source key
     tied: set[str] = field(default_factory=set)  # further source names of an already mapped tensor object
 
-    @property
-    def consumed(self) -> set[str]:
-        return set(self.origin.values()) | self.tied
-
     def add(self, ours: str, tensor: torch.Tensor, source: str) -> None:
         if ours in self.state:
             raise CheckpointError(f"two source keys map to {ours}: {self.origin[ours]} and {source}")
         self.state[ours] = tensor
         self.origin[ours] = source
 
-    def update(self, other: "KeyMap") -> None:
+    def update(self, other: KeyMap) -> None:
         for k, v in other.state.items():
             self.add(k, v, other.origin[k])
         self.tied |= other.tied
@@ -119,7 +118,8 @@ def ignore_reason(key: str) -> str | None:
     return None
 
 
-def normalize_compressai_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
+def normalize_compressai_keys(
+        state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
     """Rename keys written by other compressai versions to 1.2.x names; returns (state, [(old, new)])."""
     out: dict[str, torch.Tensor] = {}
     renames: list[tuple[str, str]] = []
@@ -143,7 +143,7 @@ def is_cdf_buffer(key: str) -> bool:
 
 # ---------------------------------------------------------------------------- diffusers LDM converters
 def _memory_id(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()
+    return t.untyped_storage().data_ptr(), int(t.storage_offset()), t.numel()
 
 
 def _attribute(sub: Mapping[str, torch.Tensor], converted: Mapping[str, Any], prefix: str, what: str) -> KeyMap:

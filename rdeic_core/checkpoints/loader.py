@@ -109,7 +109,7 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(_unsafe_message(path, e)) from None
-    except Exception as e:  # noqa: BLE001 - any other failure is a broken file; say which
+    except Exception as e:  # any other failure is a broken file; say which
         raise CheckpointError(f"{path}: cannot be read by torch.load: {e}") from e
 
 
@@ -132,7 +132,8 @@ def _strip_module_prefix(sd: dict[str, Any]) -> dict[str, Any]:
 
 def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], dict[str, str], int, dict[str, Any]]:
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a dict of tensors (or a Lightning checkpoint), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a dict of tensors (or a Lightning checkpoint), got {type(obj).__name__}")
     set_aside: dict[str, str] = {}
     n_aside = 0
     info: dict[str, Any] = {}
@@ -163,7 +164,7 @@ def _read_raw(path: Path) -> Any:
 
         try:
             return load_file(str(path))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
     return _torch_load(path)
 

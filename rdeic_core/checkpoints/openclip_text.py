@@ -43,8 +43,6 @@ _BLOCK_LEAVES = (
     "mlp.c_fc.weight", "mlp.c_fc.bias",
     "mlp.c_proj.weight", "mlp.c_proj.bias",
 )
-# Tensors of an OpenCLIP text tower that the empty-prompt forward does not read.
-UNUSED_OPENCLIP_KEYS = ("text_projection", "logit_scale", "attn_mask")
 
 
 def tokenize_empty(context_length: int) -> torch.Tensor:
@@ -158,7 +156,6 @@ _HF_LEAF = {
     "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
     "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias",
 }
-HF_UNUSED_KEYS = ("text_model.embeddings.position_ids", "text_projection.weight")
 
 
 def openclip_from_hf_clip(weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:

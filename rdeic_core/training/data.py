@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -83,7 +84,8 @@ def train_photo_paths(photos_dir: str | Path = DEFAULT_PHOTOS_DIR) -> list[Path]
     paths = [root / "full" / n for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"training photos missing (run `make photos`): {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        more = " ..." if len(missing) > 3 else ""
+        raise DataError(f"training photos missing (run `make photos`): {missing[:3]}{more}")
     _refuse_validation(paths, set(split.get("validation", [])))
     return paths
 
@@ -108,7 +110,7 @@ def validation_names(paths: Sequence[Path] = ()) -> set[str]:
     return names
 
 
-def _refuse_validation(paths: Sequence[Path], extra_validation: set[str] = frozenset()) -> None:
+def _refuse_validation(paths: Sequence[Path], extra_validation: AbstractSet[str] = frozenset()) -> None:
     banned = validation_names(paths) | set(extra_validation)
     banned_stems = {Path(n).stem for n in banned}
     bad = [str(p) for p in paths if Path(p).name in banned or Path(p).stem in banned_stems]
@@ -131,12 +133,12 @@ def load_downscaled(path: str | Path, max_side: int, min_short_side: int) -> Ima
             # sizes here are the stored (pre-EXIF-rotation) ones, which is what draft works on;
             # it never goes below the requested size
             im.draft("RGB", target)
-        im = ImageOps.exif_transpose(im).convert("RGB")
-    w1, h1 = im.size
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+    w1, h1 = rgb.size
     scale = min(1.0, max(max_side / max(w1, h1), min_short_side / min(w1, h1)))
     if scale < 1.0:
-        im = im.resize((max(1, round(w1 * scale)), max(1, round(h1 * scale))), resample=Image.LANCZOS)
-    return im
+        rgb = rgb.resize((max(1, round(w1 * scale)), max(1, round(h1 * scale))), resample=Image.Resampling.LANCZOS)
+    return rgb
 
 
 def random_crop(img: Image.Image, crop: CropSettings, rng: random.Random) -> np.ndarray:
@@ -144,9 +146,9 @@ def random_crop(img: Image.Image, crop: CropSettings, rng: random.Random) -> np.
     lo, hi = crop.short_side_range
     short = rng.randrange(lo, hi + 1)
     while min(img.size) >= 2 * short:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
     scale = short / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(img)
     y = rng.randrange(arr.shape[0] - crop.crop + 1)
     x = rng.randrange(arr.shape[1] - crop.crop + 1)
@@ -173,21 +175,21 @@ class PhotoCrops(Dataset):
     def __init__(self, paths: Sequence[str | Path], crop: CropSettings, seed: int = 0, max_side: int = 1024):
         if not paths:
             raise DataError("PhotoCrops needs at least one photo")
-        paths = [Path(p) for p in paths]
-        _refuse_validation(paths)
-        self.paths = paths
+        photo_paths = [Path(p) for p in paths]
+        _refuse_validation(photo_paths)
+        self.paths = photo_paths
         self.crop = crop
         self.seed = int(seed)
         need_short = crop.short_side_range[1]
-        self.images = [load_downscaled(p, max_side, need_short) for p in paths]
-        small = [(str(p), im.size) for p, im in zip(paths, self.images) if min(im.size) < crop.crop]
+        self.images = [load_downscaled(p, max_side, need_short) for p in photo_paths]
+        small = [(str(p), im.size) for p, im in zip(photo_paths, self.images) if min(im.size) < crop.crop]
         if small:
             raise DataError(f"photos smaller than the {crop.crop}px crop: {small}")
         self._perm_cache: dict[int, list[int]] = {}
 
     @classmethod
     def from_photos_dir(cls, photos_dir: str | Path, crop: CropSettings, seed: int = 0,
-                        max_side: int = 1024) -> "PhotoCrops":
+                        max_side: int = 1024) -> PhotoCrops:
         return cls(train_photo_paths(photos_dir), crop, seed=seed, max_side=max_side)
 
     def __len__(self) -> int:

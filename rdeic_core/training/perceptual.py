@@ -77,6 +77,9 @@ class LPIPSAlex(nn.Module):
     and keep the loss deterministic.)
     """
 
+    shift: torch.Tensor  # buffers: LPIPS's input normalisation
+    scale: torch.Tensor
+
     def __init__(self, alexnet_state: dict[str, torch.Tensor], lin_state: dict[str, torch.Tensor]):
         super().__init__()
         from torchvision.models import alexnet
@@ -85,8 +88,9 @@ class LPIPSAlex(nn.Module):
         net.load_state_dict(alexnet_state)
         feats = net.features
         self.slices = nn.ModuleList(nn.Sequential(*[feats[i] for i in range(a, b)]) for a, b in _ALEX_SLICES)
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _ALEX_CHANNELS)
-        for k, lin in enumerate(self.lins):
+        lins = [nn.Conv2d(c, 1, 1, bias=False) for c in _ALEX_CHANNELS]
+        self.lins = nn.ModuleList(lins)
+        for k, lin in enumerate(lins):
             w = _lin_weight(lin_state, k)
             if w.shape != lin.weight.shape:
                 raise ValueError(f"LPIPS lin{k} weight has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
@@ -96,7 +100,7 @@ class LPIPSAlex(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "LPIPSAlex":  # a loss network never trains
+    def train(self, mode: bool = True) -> LPIPSAlex:  # a loss network never trains
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ also when the caller enables bf16 autocast for the VAE and UNet.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F

@@ -32,9 +32,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ class TrainConfig:
     threads: int | None = None
     progress: bool = True
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the stage defaults filled in and every value checked."""
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; expected one of {STAGES}")
@@ -148,12 +149,18 @@ class TrainConfig:
                                  f"not {c.stage}")
             if not c.control_ratio > 0:
                 raise ValueError(f"control_ratio must be > 0, got {c.control_ratio}")
-        CropSettings(c.crop, c.scale_range)  # validates the range
+        c.crop_settings()  # validates the range
         self.loss_settings(c).validate()
         return c
 
+    def crop_settings(self) -> CropSettings:
+        """The training crop of a :meth:`resolved` config."""
+        if self.crop is None or self.scale_range is None:
+            raise ValueError("crop and scale_range are unset: resolve the config first (TrainConfig.resolved)")
+        return CropSettings(self.crop, self.scale_range)
+
     @staticmethod
-    def loss_settings(c: "TrainConfig") -> LossSettings:
+    def loss_settings(c: TrainConfig) -> LossSettings:
         return LossSettings(lambda_g=c.lambda_g, bpp_weight=c.bpp_weight, fixed_step=c.fixed_step,
                             lpips_weight=c.lpips_weight, rec_loss=c.rec_loss, kl_weight=c.kl_weight,
                             ssim_weight=c.ssim_weight)
@@ -162,7 +169,7 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -381,7 +388,8 @@ def _load_checkpoint(d: Path, codec: RDEICCodec, stage: str, optimizer: torch.op
         raise ValueError(f"{d} is a {state['stage']!r} checkpoint, this run trains {stage!r}")
     if state["base_fingerprint"] != base_fingerprint:
         raise ValueError(f"{d} was trained from a different starting model (fingerprint "
-                         f"{state['base_fingerprint'][:16]}…, now {base_fingerprint[:16]}…): check --init/--config/--seed")
+                         f"{state['base_fingerprint'][:16]}…, now {base_fingerprint[:16]}…): "
+                         "check --init/--config/--seed")
     load_trainable_state(codec, stage, state["model"])
     optimizer.load_state_dict(state["optimizer"])
     rng_file = d / f"rng_rank{env.rank}.pt"
@@ -498,6 +506,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainResult:
         codec.noise_estimator.gradient_checkpointing = True
         if cfg.stage in ("vae", "stage2"):
             codec.vae.vae.enable_gradient_checkpointing()
+    assert cfg.lr is not None  # train() resolved the config
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     perceptual, perceptual_name = _perceptual_for(cfg, device)
     stage_module = StageModule(codec, cfg.stage, TrainConfig.loss_settings(cfg), perceptual)
@@ -518,8 +527,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainResult:
 
     history: list[dict[str, Any]] = []
     if start_step < cfg.steps:
-        data = PhotoCrops.from_photos_dir(cfg.photos_dir, CropSettings(cfg.crop, cfg.scale_range),
-                                          seed=cfg.seed, max_side=cfg.max_side)
+        data = PhotoCrops.from_photos_dir(cfg.photos_dir, cfg.crop_settings(), seed=cfg.seed, max_side=cfg.max_side)
         extra = {"perceptual": perceptual_name} if cfg.stage == "stage2" else {}
         history = _loop(cfg, env, device, model, stage_module, optimizer, params, generator, data, start_step,
                         run_dir, base_fingerprint, extra)
@@ -576,7 +584,8 @@ def _loop(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Module
                 if env.is_main:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record, sort_keys=True) + "\n")
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k in ("loss", "l_bpp", "l_rec", "l_eps")})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()
+                                     if k in ("loss", "l_bpp", "l_rec", "l_eps")})
             bar.update(1)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 _save_checkpoint(run_dir, done, codec, cfg.stage, optimizer, generator, cfg, base_fingerprint, env)
@@ -621,6 +630,7 @@ def _export(cfg: TrainConfig, codec: RDEICCodec, run_dir: Path, perceptual_name:
             device: torch.device) -> Path:
     """Write RUN/model from the final weights, with this stage appended to the training history."""
     codec.eval()
+    crop = cfg.crop_settings()
     stage_meta: dict[str, Any] = {
         "stage": cfg.stage,
         "steps": cfg.steps,
@@ -628,8 +638,8 @@ def _export(cfg: TrainConfig, codec: RDEICCodec, run_dir: Path, perceptual_name:
         "world_size": env.world_size,
         "lr": cfg.lr,
         "optimizer": "AdamW",
-        "crop": cfg.crop,
-        "scale_range": list(cfg.scale_range),
+        "crop": crop.crop,
+        "scale_range": list(crop.scale_range),
         "seed": cfg.seed,
         "precision": cfg.precision,
         "data": {"source": "data/photos train split", "max_side": cfg.max_side},
@@ -643,8 +653,7 @@ def _export(cfg: TrainConfig, codec: RDEICCodec, run_dir: Path, perceptual_name:
     if cfg.stage == "vae":
         stage_meta.update(rec_loss=cfg.rec_loss, kl_weight=cfg.kl_weight, ssim_weight=cfg.ssim_weight)
         if cfg.calibrate_scale:
-            data = PhotoCrops.from_photos_dir(cfg.photos_dir, CropSettings(cfg.crop, cfg.scale_range),
-                                              seed=cfg.seed, max_side=cfg.max_side)
+            data = PhotoCrops.from_photos_dir(cfg.photos_dir, crop, seed=cfg.seed, max_side=cfg.max_side)
             factor, std = calibrate_scaling_factor(codec, data, device, seed=cfg.seed)
             _set_scaling_factor(codec, factor)
             stage_meta.update(scaling_factor=factor, latent_std=std)
