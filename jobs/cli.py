@@ -18,26 +18,27 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from .commands import discover
-from .exits import EXIT_USAGE
+from .exits import EXIT_USAGE, CommandError
 
 # Subcommand name -> module, and the line `rdeic --help` shows for it: found by listing
-# ``jobs.commands`` (``jobs.commands.discover``), so adding a command edits nothing here.
-_COMMANDS = discover()
-SUBCOMMANDS: dict[str, str] = {name: c.module for name, c in _COMMANDS.items()}
-SUBCOMMAND_HELP: dict[str, str] = {name: c.help for name, c in _COMMANDS.items()}
+# ``jobs.commands`` (``jobs.commands.discover``, at every parse), so adding a command edits nothing here.
+SUBCOMMANDS: dict[str, str] = {name: c.module for name, c in discover().items()}
+SUBCOMMAND_HELP: dict[str, str] = {name: c.help for name, c in discover().items()}
 # Commands whose arguments after `--` are handed on untouched (``args.passthrough``): `submit` appends
 # them to the job's command line on the cluster.
 PASSTHROUGH = ("submit",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _import_command(name: str) -> object:
+def _import_command(name: str) -> Any:
+    module = discover()[name].module
     try:
-        return importlib.import_module(SUBCOMMANDS[name])
+        return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name == SUBCOMMANDS[name]:
+        if exc.name == module:
             raise SystemExit(f"rdeic {name}: not available in this installation (no module {exc.name})") from None
         raise
 
@@ -55,20 +56,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default=log_format_from_env(), choices=LOG_FORMATS,
                         help="text lines or JSON lines with per-shard events (env RDEIC_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    commands = discover()
+    for name, command in commands.items():
         if only == name:
-            _import_command(name).add_parser(sub)  # type: ignore[attr-defined]
-            if name in _schemas():
+            _import_command(name).add_parser(sub)
+            if commands[name].has_spec:
                 _add_config_options(sub.choices[name], name)
         else:
-            sub.add_parser(name, help=SUBCOMMAND_HELP.get(name))
+            sub.add_parser(name, help=command.help)
     return parser
-
-
-def _schemas() -> dict[str, type]:
-    from .config import SCHEMAS
-
-    return SCHEMAS
 
 
 def _add_config_options(p: argparse.ArgumentParser, name: str) -> None:
@@ -88,7 +84,8 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def _chosen_command(argv: Sequence[str]) -> str | None:
-    return next((a for a in argv if a in SUBCOMMANDS), None)
+    commands = discover()
+    return next((a for a in argv if a in commands), None)
 
 
 def _relax_required(p: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -102,14 +99,14 @@ def _relax_required(p: argparse.ArgumentParser) -> list[argparse.Action]:
 def _apply_spec(args: argparse.Namespace, p: argparse.ArgumentParser, sub_argv: list[str], name: str,
                 required: list[argparse.Action]) -> int | None:
     """Merge ``--config`` into ``args``; an exit status when the command must not run."""
-    from .config import ConfigError, apply_spec, dump_spec, load_spec, resolved_section
+    from .config import apply_spec, dump_spec, load_spec, resolved_section
 
     try:
         if getattr(args, "config", None):
             apply_spec(args, p, sub_argv, load_spec(args.config, expect_kind=name))
-    except ConfigError as exc:
+    except CommandError as exc:  # ConfigError
         print(f"rdeic {name}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     missing = [a for a in required if getattr(args, a.dest, None) in (None, [])]
     if missing:
         flags = ", ".join(a.option_strings[-1] for a in missing)
@@ -118,7 +115,11 @@ def _apply_spec(args: argparse.Namespace, p: argparse.ArgumentParser, sub_argv: 
               f"(on the command line, or as {keys} in --config)", file=sys.stderr)
         return EXIT_USAGE
     if getattr(args, "print_config", False):
-        sys.stdout.write(dump_spec(name, resolved_section(args, name)))
+        try:
+            sys.stdout.write(dump_spec(name, resolved_section(args, name)))
+        except CommandError as exc:
+            print(f"rdeic {name}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
         return 0
     return None
 
@@ -134,7 +135,7 @@ def resolve_args(argv: Sequence[str]) -> tuple[argparse.Namespace | None, int | 
     parser = build_parser(only=name)
     required: list[argparse.Action] = []
     sub = None
-    if name is not None and name in _schemas():
+    if name is not None and discover()[name].has_spec:
         sub = _subparser(parser, name)
         required = _relax_required(sub)
     passthrough: list[str] = []

@@ -25,35 +25,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-RESOLVED_CONFIG_FILE = "job.yaml"
-JOB_KINDS = ("archive", "restore", "audit")
+from pipeline.manifest import JOB_SPEC_FILE
+
+from .commands import discover
+from .exits import UsageError
+from .options import spec_field, spec_schema, strip_optional
+
+RESOLVED_CONFIG_FILE = JOB_SPEC_FILE
 SUBMIT_SECTION = "submit"
 
 
-class ConfigError(ValueError):
-    """A spec value is missing, unknown or invalid; the message starts with the field path."""
+class ConfigError(UsageError, ValueError):
+    """A spec value is missing, unknown or invalid; the message starts with the field path (exit status 2)."""
 
 
 # ------------------------------------------------------------------------------------ fields
-def spec_field(help: str, *, min: float | None = None, max: float | None = None,
-               choices: Sequence[str] | None = None, nonempty: bool = False, default: Any = None) -> Any:
-    """A schema field: ``None`` means "not given" (the flag's default or the CLI decides)."""
-    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
-            "nonempty": nonempty}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin in (list, tuple, Sequence):
@@ -79,16 +76,9 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
     return name
 
 
-def _strip_optional(tp: Any) -> Any:
-    args = [a for a in get_args(tp) if a is not type(None)]
-    if get_origin(tp) is not None and len(args) == 1 and type(None) in get_args(tp):
-        return args[0]
-    return tp
-
-
 def _check_value(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     """The validated (and lightly normalised) value, or ConfigError naming ``path``."""
-    tp = _strip_optional(tp)
+    tp = strip_optional(tp)
     want = _describe(tp, meta)
 
     def bad() -> ConfigError:
@@ -167,102 +157,35 @@ def given(section: Any) -> dict[str, Any]:
             if getattr(section, f.name) is not None}
 
 
-def schema_help(schema: type) -> dict[str, str]:
-    """Field name -> one-line description (docs/jobs.md is checked against this)."""
-    hints = get_type_hints(schema)
-    return {f.name: f"{_describe(hints[f.name], f.metadata)}: {f.metadata['help']}" for f in dataclasses.fields(schema)}
-
-
 # ------------------------------------------------------------------------------------ schemas
-_EXECUTORS = ("ray", "local")
-# --tile-batch (jobs.codec.add_tile_batch_option): codec.tiling.batch of every worker's codec
-_BREAK_LEASE_HELP = ("take the output's lease even from a job that has not released it and whose lease has not "
-                     "expired: only when that job is known to be dead (never saved in job.yaml)")
-# one text for the --tile-batch flag (jobs.codec) and the tile_batch key of every job spec
-TILE_BATCH_HELP = ("tiles (or whole images) per network pass: bounds codec memory; does not change which pixels "
-                   "are computed, but, like --batch-size, batch composition can move a few pixels by one level "
-                   "(default: the codec's own)")
+@functools.cache
+def job_schemas() -> dict[str, type]:
+    """Job name -> its spec section's schema, derived from each job command's ``OPTIONS`` (``jobs.options``).
+
+    Found by listing ``jobs.commands``: a new job's section is valid in specs without an edit here.
+    """
+    return {name: spec_schema(importlib.import_module(c.module).OPTIONS, name)
+            for name, c in discover().items() if c.has_spec}
 
 
-@dataclass(frozen=True)
-class ArchiveSpec:
-    """``rdeic archive`` (jobs/commands/archive.py): one field per long flag."""
-
-    input: list[str] | None = spec_field("shards: brace pattern, glob, @list.txt or URL (flag: --input, repeatable)",
-                                         nonempty=True)
-    output: str | None = spec_field("output prefix (s3://..., file://..., path)")
-    model: str | None = spec_field("model directory or shipped name (env RDEIC_MODEL)")
-    executor: str | None = spec_field("where shards run", choices=_EXECUTORS)
-    num_actors: int | None = spec_field("Ray workers (default: one per GPU, else CPUs)", min=1)
-    storage_options: dict[str, Any] | None = spec_field("fsspec options for remote storage (no secrets here: "
-                                                        "use the AWS_* environment)")
-    ray_address: str | None = spec_field("Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
-    device: str | None = spec_field("auto, cpu, cuda, cuda:N")
-    compute_dtype: str | None = spec_field("VAE/UNet dtype on GPU", choices=("float32", "bfloat16", "float16"))
-    batch_size: int | None = spec_field("images per encoder batch", min=1)
-    tile_batch: int | None = spec_field(TILE_BATCH_HELP, min=1)
-    max_pixels: int | None = spec_field("larger images are recorded as failed (too_large)", min=1)
-    max_member_bytes: int | None = spec_field("larger tar members are skipped (member_too_large)", min=1)
-    row_group_size: int | None = spec_field("Parquet rows per row group", min=1)
-    max_shard_retries: int | None = spec_field("retries of a failed shard attempt", min=0)
-    retry_failed: bool | None = spec_field("also redo the rows of done shards that failed for a transient reason "
-                                           "(out of memory); permanent failures are left alone")
-    break_lease: bool | None = spec_field(_BREAK_LEASE_HELP)
-    progress: bool | None = spec_field("draw progress bars (default: only on a terminal)")
+def job_kinds() -> tuple[str, ...]:
+    return tuple(job_schemas())
 
 
-@dataclass(frozen=True)
-class _DecodeJobSpec:
-    """Options restore and audit share with archive (``jobs.commands.restore.add_common_arguments``)."""
-
-    model: str | None = spec_field("model directory or shipped name (default: $RDEIC_MODEL, else the model "
-                                   "named in the archive's run.json)")
-    executor: str | None = spec_field("where shards run", choices=_EXECUTORS)
-    num_actors: int | None = spec_field("Ray workers (default: one per GPU, else CPUs)", min=1)
-    storage_options: dict[str, Any] | None = spec_field("fsspec options for remote storage")
-    ray_address: str | None = spec_field("Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
-    device: str | None = spec_field("auto, cpu, cuda, cuda:N")
-    compute_dtype: str | None = spec_field("VAE/UNet dtype on GPU", choices=("float32", "bfloat16", "float16"))
-    batch_size: int | None = spec_field("bitstreams decoded together", min=1)
-    tile_batch: int | None = spec_field(TILE_BATCH_HELP, min=1)
-    max_shard_retries: int | None = spec_field("retries of a failed shard attempt", min=0)
-    break_lease: bool | None = spec_field(_BREAK_LEASE_HELP)
-    progress: bool | None = spec_field("draw progress bars (default: only on a terminal)")
+def __getattr__(name: str) -> Any:
+    """``SCHEMAS``, ``JOB_KINDS`` and ``<Kind>Spec`` (e.g. ``ArchiveSpec``), derived on first use: deriving
+    them imports the job commands, which import this module's neighbours."""
+    if name == "SCHEMAS":
+        return job_schemas()
+    if name == "JOB_KINDS":
+        return job_kinds()
+    for schema in job_schemas().values():
+        if name == schema.__name__:
+            return schema
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
-class RestoreSpec(_DecodeJobSpec):
-    """``rdeic restore`` (jobs/commands/restore.py): archive -> PNG WebDataset shards or a folder tree."""
-
-    archive: str | None = spec_field("archive prefix written by `rdeic archive`")
-    output: str | None = spec_field("output prefix (s3://..., file://..., path)")
-    format: str | None = spec_field("wds: shards/<shard>.tar; folder: images/<shard>/<key>.png",
-                                    choices=("wds", "folder"))
-    steps: int | None = spec_field("relay steps (default: each bitstream header's)", min=0)
-    detail_scale: float | None = spec_field("detail scale (default: each bitstream header's)", min=0)
-
-
-@dataclass(frozen=True)
-class AuditSpec(_DecodeJobSpec):
-    """``rdeic audit`` (jobs/commands/audit.py): decode (a sample of) an archive and measure it against the sources."""
-
-    archive: str | None = spec_field("archive prefix written by `rdeic archive`")
-    source: list[str] | None = spec_field("source shards, as archive's input (flag: --source, repeatable)",
-                                          nonempty=True)
-    output: str | None = spec_field("where metrics, summary.json and report.html go")
-    fraction: float | None = spec_field("fraction of archived keys to audit (hash-sampled)", min=0, max=1)
-    seed: int | None = spec_field("seed of the key sample", min=0)
-    steps: int | None = spec_field("relay steps (default: each bitstream header's)", min=0)
-    detail_scale: float | None = spec_field("detail scale (default: each bitstream header's)", min=0)
-    perceptual: str | None = spec_field("perceptual metrics tried when their weights exist: 'lpips,dists,fid' "
-                                        "(any subset) or 'none'")
-    fid_patch: int | None = spec_field("FID/KID patch size in px", min=1)
-    worst_k: int | None = spec_field("worst images (by PSNR) shown in the report", min=0)
-
-
-# Env var names that are never copied into a spec or a log (values come from the submitter's
-# environment into the Ray runtime_env only).
-SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
+# Env vars `rdeic submit` passes from the submitter into the Ray runtime_env (values never logged).
 DEFAULT_PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
                     "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "RDEIC_MODEL")
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|(^|_)KEY(_|$)|ACCESS_KEY", re.IGNORECASE)
@@ -302,9 +225,6 @@ class SubmitSpec:
                 raise ConfigError(f"submit.pass_env: {name!r} is not an environment variable name")
 
 
-SCHEMAS: dict[str, type] = {"archive": ArchiveSpec, "restore": RestoreSpec, "audit": AuditSpec}
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """A validated spec file: one job section plus optional submission settings."""
@@ -320,19 +240,20 @@ class JobSpec:
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:
     """Validate a loaded YAML document (see the module doc for its shape)."""
+    kinds_all = job_kinds()
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with one of {', '.join(JOB_KINDS)}, got {data!r}")
-    allowed = (*JOB_KINDS, SUBMIT_SECTION)
+        raise ConfigError(f"{source}: expected a mapping with one of {', '.join(kinds_all)}, got {data!r}")
+    allowed = (*kinds_all, SUBMIT_SECTION)
     unknown = sorted(k for k in data if k not in allowed)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; expected {', '.join(JOB_KINDS)} (one of them) "
+        raise ConfigError(f"{unknown[0]}: unknown section; expected {', '.join(kinds_all)} (one of them) "
                           f"and optionally {SUBMIT_SECTION}")
-    kinds = [k for k in JOB_KINDS if k in data]
+    kinds = [k for k in kinds_all if k in data]
     if len(kinds) != 1:
-        raise ConfigError(f"{source}: expected exactly one job section ({', '.join(JOB_KINDS)}), got "
+        raise ConfigError(f"{source}: expected exactly one job section ({', '.join(kinds_all)}), got "
                           f"{kinds or 'none'}")
     kind = kinds[0]
-    job = validate_section(SCHEMAS[kind], data[kind], kind)
+    job = validate_section(job_schemas()[kind], data[kind], kind)
     submit = validate_section(SubmitSpec, data.get(SUBMIT_SECTION), SUBMIT_SECTION)
     return JobSpec(kind=kind, job=job, submit=submit)
 
@@ -394,7 +315,7 @@ def apply_spec(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
 def _as_flag_value(path: str, value: Any, action: argparse.Action) -> Any:
     """A spec string goes through the flag's own converter (e.g. ``--perceptual lpips,fid`` -> a tuple),
     so the command sees the same value it would get from the command line."""
-    convert = action.type
+    convert: Any = action.type
     if not isinstance(value, str) or convert is None or convert is str or isinstance(convert, type):
         return value
     try:
@@ -404,41 +325,15 @@ def _as_flag_value(path: str, value: Any, action: argparse.Action) -> Any:
 
 
 def resolved_section(args: argparse.Namespace, kind: str) -> dict[str, Any]:
-    """The job's effective settings (flags > spec > environment > defaults) in spec form, secrets redacted."""
-    from pipeline.storage import redact
+    """The job's effective settings (flags > spec > environment > defaults) in spec form, secrets redacted;
+    the same text the job saves as ``job.yaml`` (``break_lease``, an operator's one-off, is never in it)."""
+    from .options import from_args, to_spec
 
-    out = {}
-    schema = SCHEMAS[kind]
-    own = set(schema.__dict__.get("__annotations__", {}))  # the command's own fields first, shared ones after
-    hints = get_type_hints(schema)
-    for f in sorted(dataclasses.fields(schema), key=lambda f: f.name not in own):
-        if hasattr(args, f.name):
-            value = getattr(args, f.name)
-            if isinstance(value, (tuple, list)) and _strip_optional(hints[f.name]) is str:
-                value = ",".join(value) or "none"  # a flag that parses "a,b" into a tuple: back to its text
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-    if isinstance(out.get("storage_options"), dict):
-        out["storage_options"] = redact(out["storage_options"])
-    out.pop("break_lease", None)  # an operator's one-off: a saved spec must never break a live job's lease
-    return out
+    module = importlib.import_module(discover()[kind].module)
+    return to_spec(from_args(module.OPTIONS, args))
 
 
 def dump_spec(kind: str, section: Mapping[str, Any]) -> str:
     """YAML text of a spec with one job section (what ``job.yaml`` and ``--print-config`` show)."""
     plain = json.loads(json.dumps(dict(section), default=str))
     return yaml.safe_dump({kind: plain}, sort_keys=False, default_flow_style=False)
-
-
-def write_resolved_config(output: str, kind: str, section: Mapping[str, Any],
-                          storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write ``<output>/job.yaml`` (the resolved spec, rerunnable with ``--config``); returns its URL.
-
-    Jobs call this once their output location has been accepted, so a refused run never
-    overwrites the record of the run that owns the prefix.
-    """
-    from pipeline import storage
-
-    fs, root = storage.filesystem(storage.normalize_url(output), dict(storage_options or {}))
-    path = storage.join(root, RESOLVED_CONFIG_FILE)
-    storage.write_bytes_atomic(fs, path, dump_spec(kind, section).encode())
-    return storage.to_url(fs, path)

@@ -81,3 +81,29 @@ def run_command(name: str, body: Callable[[], int], *, resumable: bool = False) 
         status, prefix = known
         print(f"rdeic {name}: error: {prefix}{exc}", file=sys.stderr)
         return status
+
+
+class PlainError(CommandError):
+    """An outcome a command states in its own words, without the ``error:`` label: ``rdeic get: KEY:
+    no_such_key: ...``, ``rdeic inspect: not found: ...``. :func:`run_reported` prints it. Exit 1 unless
+    ``exit_code`` says otherwise."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+def run_reported(name: str, body: Callable[[], int], *, resumable: bool = False) -> int:
+    """:func:`run_command` for a command whose body may also raise :class:`PlainError` (``rdeic NAME: MSG``)."""
+
+    def reported() -> int:
+        try:
+            return int(body())
+        except PlainError as exc:
+            print(f"rdeic {name}: {exc}", file=sys.stderr)
+            return exc.exit_code
+
+    return run_command(name, reported, resumable=resumable)

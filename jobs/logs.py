@@ -115,10 +115,7 @@ def log_format_from_env(default: str = "text") -> str:
 class _CurrentStderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at emit time (in-process callers and tests swap it)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

@@ -26,9 +26,10 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -165,7 +166,8 @@ def curves(points: Sequence[Point]) -> list[CurvePoint]:
                               float(np.mean([p.bpp for p in ps])), float(np.mean([p.psnr for p in ps])),
                               float(np.nanmean([p.ms_ssim for p in ps])) if any(not math.isnan(p.ms_ssim) for p in ps)
                               else float("nan"),
-                              len(ps), float(np.mean([p.encode_s for p in ps])), float(np.mean([p.decode_s for p in ps]))))
+                              len(ps), float(np.mean([p.encode_s for p in ps])),
+                              float(np.mean([p.decode_s for p in ps]))))
     return out
 
 
@@ -189,7 +191,7 @@ def interpolate_log_bpp(curve_bpp: Sequence[float], curve_val: Sequence[float], 
     return float(np.interp(math.log(bpp), [math.log(x) for x in xs], ys))
 
 
-def match(model_curve: Sequence[CurvePoint], baselines: dict[str, Sequence[CurvePoint]]) -> None:
+def match(model_curve: Sequence[CurvePoint], baselines: Mapping[str, Sequence[CurvePoint]]) -> None:
     """Fill each model point's ``matched[baseline]`` with the baseline's PSNR/MS-SSIM at its bpp."""
     for mp in model_curve:
         for bname, bc in baselines.items():
@@ -205,7 +207,7 @@ def _fmt(v: float | None, nd: int) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
-def markdown_table(model_curve: Sequence[CurvePoint], baselines: dict[str, Sequence[CurvePoint]]) -> str:
+def markdown_table(model_curve: Sequence[CurvePoint], baselines: Mapping[str, Sequence[CurvePoint]]) -> str:
     """The matched table (one row per model point) and the baselines' reachable bpp ranges."""
     names = list(baselines)
     head = ["model", "S", "bpp", "PSNR", "MS-SSIM"]
@@ -217,16 +219,19 @@ def markdown_table(model_curve: Sequence[CurvePoint], baselines: dict[str, Seque
         row = [mp.method, mp.setting.split("=")[1], _fmt(mp.bpp, 4), _fmt(mp.psnr, 2), _fmt(mp.ms_ssim, 4)]
         for b in names:
             m = mp.matched.get(b, {})
-            dp = None if m.get("psnr") is None else mp.psnr - m["psnr"]
-            row += [_fmt(m.get("psnr"), 2), _fmt(m.get("ms_ssim"), 4), _fmt(dp, 2)]
+            at_bpp = m.get("psnr")
+            dp = None if at_bpp is None else mp.psnr - at_bpp
+            row += [_fmt(at_bpp, 2), _fmt(m.get("ms_ssim"), 4), _fmt(dp, 2)]
         row += [_fmt(mp.decode_s, 2)]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| baseline | lowest setting | its bpp | its PSNR | its MS-SSIM | highest bpp |", "|---|---|---|---|---|---|"]
+    lines += ["", "| baseline | lowest setting | its bpp | its PSNR | its MS-SSIM | highest bpp |",
+              "|---|---|---|---|---|---|"]
     for b in names:
         bc = sorted(baselines[b], key=lambda c: c.bpp)
         if bc:
             lo = bc[0]
-            lines.append(f"| {b} | {lo.setting} | {lo.bpp:.4f} | {lo.psnr:.2f} | {_fmt(lo.ms_ssim, 4)} | {bc[-1].bpp:.3f} |")
+            lines.append(f"| {b} | {lo.setting} | {lo.bpp:.4f} | {lo.psnr:.2f} | {_fmt(lo.ms_ssim, 4)} "
+                         f"| {bc[-1].bpp:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +243,7 @@ def write_csv(path: Path, rows: Sequence[Any]) -> None:
         w.writerows(dicts)
 
 
-def plot(path: Path, model_curves: dict[str, Sequence[CurvePoint]], baselines: dict[str, Sequence[CurvePoint]],
+def plot(path: Path, model_curves: Mapping[str, Sequence[CurvePoint]], baselines: Mapping[str, Sequence[CurvePoint]],
          max_bpp: float, title: str) -> None:
     """PSNR-vs-bpp and MS-SSIM-vs-bpp (log bpp axis) of the baselines' curves and the model points."""
     import matplotlib

@@ -169,7 +169,7 @@ def lookup(archive: ArchiveLocation, key: str, columns: list[str] | None = None,
         raise KeyNotFoundError(f"no shard {shard_id!r} in {archive.url}") from None
     with raw:
         f = _CountingFile(raw)
-        pf = pq.ParquetFile(f)  # type: ignore[arg-type]
+        pf = pq.ParquetFile(f)
         meta = pf.metadata
         key_col = pf.schema_arrow.get_field_index("key")
         candidates = [i for i in range(meta.num_row_groups) if _may_hold(meta.row_group(i).column(key_col), key)]

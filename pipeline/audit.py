@@ -23,7 +23,7 @@ import io
 import json
 import math
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,16 +32,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from perceptual import DEFAULT_FID_PATCH, PERCEPTUAL_METRICS, PerceptualMetrics
+
 from . import storage
 from .archives import DECODE_COLUMNS, read_rows
 from .decoder import DECODE_REASONS, Decoder, RejectedStream, SizeBuckets, StreamInfo
+from .executors.errors import FatalShardError, check_fingerprint
 from .images import DEFAULT_MAX_PIXELS, SampleFailure, decode_image, image_extension
 from .manifest import Manifest, OutputLocation, utc_now
-from .metrics import DEFAULT_FID_PATCH, PERCEPTUAL_METRICS, PerceptualMetrics, ms_ssim, mse, psnr
+from .metrics import ms_ssim, mse, psnr
 from .reader import DEFAULT_MAX_MEMBER_BYTES, ShardReader
 from .restore import check_row, decode_streams, png_bytes
-from .runner import FatalShardError
-from .types import STATUS_FAILED, STATUS_OK, ShardRef, ShardStats, mark_failed
+from .rows import Row, column, required, rows_table
+from .types import STATUS_OK, ShardRef, ShardStats
 from .writer import to_parquet_bytes
 
 ProgressFn = Callable[[int], None]
@@ -55,28 +58,6 @@ AUDIT_REASONS: dict[str, str] = DECODE_REASONS | {
     "source_changed": "the source image differs from the one archived (sha256 or size)",
     "source_unreadable": "the source image can no longer be read or decoded",
 }
-
-METRICS_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("shard", pa.string(), nullable=False),
-    pa.field("src_index", pa.int32(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("reason", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("bpp", pa.float64()),
-    pa.field("bitstream_bytes", pa.int64()),
-    pa.field("steps", pa.int16()),
-    pa.field("detail_scale", pa.float32()),
-    pa.field("mse", pa.float64()),
-    pa.field("psnr", pa.float64()),
-    pa.field("ms_ssim", pa.float64()),
-    pa.field("ms_ssim_win", pa.int8()),
-    pa.field("lpips", pa.float64()),
-    pa.field("dists", pa.float64()),
-    pa.field("fid_patches", pa.int32()),
-])
 
 CROPS_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -154,41 +135,38 @@ class AuditorFactory:
         return self.decoder_factory.identity()
 
     def load(self, device: str = "auto") -> Auditor:
-        import torch
-
-        decoder = self.decoder_factory.load(device)
-        torch_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        return Auditor(decoder, PerceptualMetrics.load(torch_device, self.fid_patch, self.metrics))
+        decoder = self.decoder_factory.load(device)  # the perceptual networks go where the decoder went
+        return Auditor(decoder, PerceptualMetrics.load(decoder.placement, self.fid_patch, self.metrics))
 
 
 # ------------------------------------------------------------------------------------ per-key state
 @dataclass
-class AuditRecord:
-    """One row of ``metrics/<shard>.parquet``."""
+class AuditRecord(Row):
+    """One row of ``metrics/<shard>.parquet``; :data:`METRICS_SCHEMA` is derived from these fields."""
 
-    key: str
-    shard: str
-    src_index: int
-    status: str = STATUS_FAILED
-    reason: str | None = None
-    error: str | None = None
-    width: int | None = None
-    height: int | None = None
-    bpp: float | None = None
-    bitstream_bytes: int | None = None
-    steps: int | None = None
-    detail_scale: float | None = None
-    mse: float | None = None
-    psnr: float | None = None
-    ms_ssim: float | None = None
-    ms_ssim_win: int | None = None
-    lpips: float | None = None
-    dists: float | None = None
-    fid_patches: int | None = None
+    reasons = AUDIT_REASONS
+    tail_after = "src_index"
 
-    def fail(self, reason: str, message: str) -> AuditRecord:
-        mark_failed(self, reason, message, AUDIT_REASONS, "audit failure")
-        return self
+    key: str = required(pa.string())
+    shard: str = required(pa.string())
+    src_index: int = required(pa.int32())
+    # status, reason, error (Row)
+    width: int | None = column(pa.int32())
+    height: int | None = column(pa.int32())
+    bpp: float | None = column(pa.float64())
+    bitstream_bytes: int | None = column(pa.int64())
+    steps: int | None = column(pa.int16())
+    detail_scale: float | None = column(pa.float32())
+    mse: float | None = column(pa.float64())
+    psnr: float | None = column(pa.float64())
+    ms_ssim: float | None = column(pa.float64())
+    ms_ssim_win: int | None = column(pa.int8())
+    lpips: float | None = column(pa.float64())
+    dists: float | None = column(pa.float64())
+    fid_patches: int | None = column(pa.int32())
+
+
+METRICS_SCHEMA = AuditRecord.arrow_schema()
 
 
 @dataclass
@@ -246,7 +224,7 @@ def _table(rows: Sequence[dict[str, Any]], schema: pa.Schema, metadata: dict[str
 
 def _features_bytes(original: list[np.ndarray], decoded: list[np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    cat = (lambda xs: np.concatenate(xs).astype(np.float32) if xs else np.zeros((0, 2048), np.float32))
+    cat = (lambda xs: np.concatenate(xs).astype(np.float32) if xs else np.zeros((0, 2048), np.float32))  # noqa: E731
     np.savez(buf, original=cat(original), decoded=cat(decoded))
     return buf.getvalue()
 
@@ -256,15 +234,12 @@ def audit_shard(shard: ShardRef, auditor: Auditor, out: OutputLocation, config: 
                 attempt: int = 1, worker: str = "", progress: ProgressFn | None = None) -> ShardStats:
     """Audit one archive shard (``shard.url`` = its Parquet file) against ``config.sources[shard_id]``."""
     decoder, perceptual = auditor.decoder, auditor.perceptual
-    fingerprint = decoder.fingerprint.hex()
-    if config.expected_fingerprint and fingerprint != config.expected_fingerprint:
-        raise FatalShardError(f"worker {worker or '?'} loaded codec {fingerprint}, but the archive was written by "
-                              f"{config.expected_fingerprint}")
+    fingerprint = check_fingerprint(decoder, config.expected_fingerprint, worker, "the archive was written by")
     source_url = config.sources.get(shard.shard_id)
     if source_url is None:
         raise FatalShardError(f"no source shard for {shard.shard_id!r} (the job plans only shards it has sources for)")
     started, t0 = utc_now(), time.perf_counter()
-    timing: Counter[str] = Counter()
+    timing: defaultdict[str, float] = defaultdict(float)
     rows = read_rows(shard.url, config.storage_options, [*DECODE_COLUMNS, "src_sha256"])
     archived = [r for r in rows if r["status"] == STATUS_OK]
     chosen = [r for r in archived if sampled(r["key"], config.fraction, config.seed)]
@@ -322,10 +297,10 @@ def audit_shard(shard: ShardRef, auditor: Auditor, out: OutputLocation, config: 
             seen.add(key)  # a repeated sample key: only its first occurrence can be an archived key
             original = _source_pixels(pending, sample, config.max_pixels) if pending is not None else None
             timing["read_source"] += time.perf_counter() - t
-            if original is None:
+            if original is None or pending is None:
                 continue
-            pending.original = original  # type: ignore[union-attr]
-            for batch in buckets.add(pending.info.bucket, pending, original.shape[0] * original.shape[1]):  # type: ignore[union-attr]
+            pending.original = original
+            for batch in buckets.add(pending.info.bucket, pending, original.shape[0] * original.shape[1]):
                 run(batch)
     finally:
         samples.close()  # type: ignore[attr-defined]
@@ -333,13 +308,14 @@ def audit_shard(shard: ShardRef, auditor: Auditor, out: OutputLocation, config: 
         run(batch)
     why = f"; the source shard is damaged: {reader.damage.message}" if reader.damage else ""
     for pending in waiting.values():
-        pending.record.fail("source_missing", f"no sample {pending.record.key.partition('/')[2]!r} in {source_url}{why}")
+        sample_key = pending.record.key.partition("/")[2]
+        pending.record.fail("source_missing", f"no sample {sample_key!r} in {source_url}{why}")
 
     t = time.perf_counter()
     meta = {"rdeic.audit.shard": json.dumps({"shard_id": shard.shard_id, "archive": shard.url, "source": source_url}),
             "rdeic.codec.fingerprint": fingerprint, "rdeic.device": decoder.device, "rdeic.created_at": utc_now()}
     records.sort(key=lambda r: r.key)
-    metrics_data = to_parquet_bytes(_table([r.__dict__ for r in records], METRICS_SCHEMA, meta))
+    metrics_data = to_parquet_bytes(rows_table(records, METRICS_SCHEMA, meta, sort_key=None))
     storage.write_bytes_atomic(out.fs, out.path(METRICS_DIR, f"{shard.shard_id}.parquet"), metrics_data)
     storage.write_bytes_atomic(out.fs, out.path(CROPS_DIR, f"{shard.shard_id}.parquet"),
                                to_parquet_bytes(_table(worst.entries(), CROPS_SCHEMA, meta)))
@@ -402,18 +378,14 @@ def _measure(record: AuditRecord, original: np.ndarray, decoded: np.ndarray, per
 def _stats(shard: ShardRef, records: list[AuditRecord], out: OutputLocation, fingerprint: str, config: AuditConfig,
            source_url: str, not_archived: int, archived: int, perceptual: PerceptualMetrics) -> ShardStats:
     ok = [r for r in records if r.status == STATUS_OK]
-    failed = sorted((r for r in records if r.status != STATUS_OK), key=lambda r: r.key)
 
     def mean(name: str) -> float | None:
         values = [getattr(r, name) for r in ok if getattr(r, name) is not None and math.isfinite(getattr(r, name))]
         return round(float(np.mean(values)), 6) if values else None
 
-    return ShardStats(
-        shard_id=shard.shard_id, url=shard.url, archive=out.to_url(out.path(METRICS_DIR, f"{shard.shard_id}.parquet")),
-        codec_fingerprint=fingerprint, rows=len(records), ok=len(ok), failed=len(failed),
-        failed_by_reason=dict(sorted(Counter(r.reason or "unknown" for r in failed).items())),
-        failed_keys=[r.key for r in failed[: config.max_failed_keys]],
-        failed_keys_truncated=len(failed) > config.max_failed_keys,
+    return ShardStats.from_rows(
+        shard, records, max_failed_keys=config.max_failed_keys,
+        archive=out.to_url(out.path(METRICS_DIR, f"{shard.shard_id}.parquet")), codec_fingerprint=fingerprint,
         bitstream_bytes=sum(r.bitstream_bytes or 0 for r in ok), mean_bpp=mean("bpp"),
         extra={"source": source_url, "archived": archived, "not_archived": not_archived, "audited": len(records),
                "means": {m: mean(m) for m in ("psnr", "ms_ssim", "lpips", "dists")},
@@ -501,7 +473,8 @@ FID_FEATURES_MIN_RELIABLE = 2048
 
 
 def summarize(out: OutputLocation, stats: Sequence[ShardStats], header: dict[str, Any],
-              driver_unavailable: dict[str, list[str]], fid_patch: int, worst_k: int) -> tuple[dict[str, Any], dict[str, list], list[dict[str, Any]]]:
+              driver_unavailable: dict[str, list[str]], fid_patch: int, worst_k: int
+              ) -> tuple[dict[str, Any], dict[str, list[Any]], list[dict[str, Any]]]:
     """(summary, metric columns, worst-K crops) over the done shards ``stats`` of an audit output."""
     ids = sorted(s.shard_id for s in stats)
     table = read_tables(out, ids, METRICS_DIR)

@@ -73,10 +73,12 @@ class StreamInfo:
 
 @runtime_checkable
 class Decoder(Protocol):
-    """A loaded codec for decoding; ``fingerprint`` and ``device`` as for :class:`pipeline.encoder.Encoder`."""
+    """A loaded codec for decoding; ``fingerprint`` and ``device`` as for :class:`pipeline.encoder.Encoder`;
+    ``placement`` is the torch device it runs on (audit puts its metric networks there)."""
 
     fingerprint: bytes
     device: str
+    placement: str
 
     def inspect(self, bitstream: bytes, steps: int | None = None, detail_scale: float | None = None) -> StreamInfo:
         """Validate one stream (no decoding); raise :class:`RejectedStream` if it cannot be decoded."""

@@ -1,9 +1,9 @@
 """What the pipeline needs from a codec, and nothing more: images in, bytes out, an identity.
 
-The pipeline never imports a model. A job hands it an :class:`EncoderFactory`: a small picklable
-object whose :meth:`~EncoderFactory.identity` is cheap (read on the driver to check the output
-prefix and stamp metadata) and whose :meth:`~EncoderFactory.load` builds the real encoder once per
-worker (where the GPU is). ``jobs/codec.py`` adapts ``rdeic_core.RDEICCodec`` to this.
+The pipeline never imports a model. A job hands it an encoder factory: a small picklable object
+whose ``identity()`` is cheap (read on the driver to check the output prefix and stamp metadata)
+and whose ``load(device)`` builds the real encoder once per worker, where the GPU is
+(``pipeline.executors.base.ModelFactory``). ``jobs/codec.py`` adapts ``rdeic_core.RDEICCodec`` to this.
 """
 
 from __future__ import annotations
@@ -57,10 +57,3 @@ class CodecIdentity:
             "rdeic.versions": json.dumps(self.versions, sort_keys=True),
         }
 
-
-class EncoderFactory(Protocol):
-    """Picklable recipe for an encoder (sent to every worker)."""
-
-    def identity(self) -> CodecIdentity: ...
-
-    def load(self, device: str = "auto") -> Encoder: ...

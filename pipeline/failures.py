@@ -84,7 +84,7 @@ def may_have_transient(failed_by_reason: Mapping[str, int]) -> bool:
 def shard_error_class(exc: BaseException) -> str:
     """``PERMANENT`` for a missing/forbidden input, else ``TRANSIENT`` (the attempt is retried).
 
-    Fatal errors of the run (``pipeline.runner.FatalShardError``: the wrong model, a lost output
-    lease) are not shard errors at all: they stop the run; ``pipeline.runner.is_retryable`` sees to it.
+    Fatal errors of the run (``pipeline.executors.errors.FatalShardError``: the wrong model, a lost output
+    lease) are not shard errors at all: they stop the run; ``pipeline.executors.errors.is_retryable`` sees to it.
     """
     return PERMANENT if isinstance(exc, PERMANENT_SHARD_ERRORS) else TRANSIENT

@@ -79,7 +79,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     if not data:
         raise SampleFailure("empty_file", "the image member has 0 bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise SampleFailure("too_large", f"Pillow's decompression-bomb guard refused it: {exc}") from None
     except UnidentifiedImageError:

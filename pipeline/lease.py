@@ -58,8 +58,8 @@ from typing import Any, Protocol
 import fsspec
 
 from . import storage
+from .executors.errors import FatalShardError
 from .manifest import Manifest, OutputLocation, _dump
-from .runner import FatalShardError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_SETTLE_S = 2.0
 TTL_ENV, HEARTBEAT_ENV, SETTLE_ENV = "RDEIC_LEASE_TTL_S", "RDEIC_LEASE_HEARTBEAT_S", "RDEIC_LEASE_SETTLE_S"
 ACQUIRE_TRIES = 8
-MODES = ("conditional-put", "local-lock", "read-back")
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -256,7 +255,7 @@ class S3ConditionalStore:
                 return None, None
             except PermissionError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - what the libraries gave up on: our bounded retries
+            except Exception as exc:  # what the libraries gave up on: our bounded retries
                 failures += 1
                 if failures > storage.READ_RETRIES:
                     raise
@@ -587,7 +586,7 @@ class OutputLease:
             now = time.time()
             record = dict(self.record, heartbeat=_iso(now), expires=_iso(now + self.ttl_s),
                           expires_unix=round(now + self.ttl_s, 3), renewals=int(self.record["renewals"]) + 1)
-            new_version = self._write(record, self.version)  # type: ignore[arg-type]
+            new_version = self._write(record, self.version)
             if new_version is not None:
                 self.record, self.version = record, new_version
                 return True
@@ -630,7 +629,7 @@ class OutputLease:
             record = dict(self.record, released=_iso(now), heartbeat=_iso(now), expires=_iso(now),
                           expires_unix=round(now, 3))
             try:
-                if self._write(record, self.version, verify=False) is None:  # type: ignore[arg-type]
+                if self._write(record, self.version, verify=False) is None:
                     log.warning("not releasing the lease of %s: another job holds it now", self.out.url)
                     return
             except Exception as exc:  # noqa: BLE001 - it expires by itself

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,7 @@ from .writer import ARCHIVE_FORMAT, FORMAT_VERSION
 ARCHIVE_DIR = "archive"
 MANIFEST_DIR = "_manifest"
 RUN_FILE = "run.json"
+JOB_SPEC_FILE = "job.yaml"  # the latest run's resolved settings, rerunnable with --config
 LEASE_FILE = "_lease.json"
 
 
@@ -116,30 +118,48 @@ class Manifest:
         self.out = out
 
     # ------------------------------------------------------------------ run.json
-    def ensure_run(self, identity: CodecIdentity, job_config: dict[str, Any]) -> dict[str, Any]:
-        """Create ``run.json`` for a new prefix, or check an existing one against this codec.
+    def claim(self, name: str, record: Callable[[], dict[str, Any]],
+              check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """The output's guard file ``<out>/<name>``: written with ``record()`` for a new prefix, else read and
+        passed to ``check`` (which raises OutputConflictError when this run may not add to the prefix).
 
-        Raises OutputConflictError when the prefix was written with another codec fingerprint or
-        a newer archive format, or when it holds done markers but no run file.
+        One guard for every job: ``run.json`` pins an archive to its codec, ``restore.json`` and
+        ``audit.json`` pin their outputs to the archive and settings that made them. A prefix with done
+        markers but no guard file is refused: nothing says how those shards were made.
         """
-        fs, path = self.out.fs, self.out.path(RUN_FILE)
+        fs, path = self.out.fs, self.out.path(name)
         if storage.exists(fs, path):
-            run = json.loads(storage.read_bytes(fs, path))
-            self._check_run(run, identity)
-            return run
+            existing = json.loads(storage.read_bytes(fs, path))
+            check(existing)
+            return existing
         if self.done_shards():
-            raise OutputConflictError(
-                f"{self.out.url} has done markers but no {RUN_FILE}; refusing to guess which codec wrote it"
-            )
-        run = {
-            "format": ARCHIVE_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "codec": identity.to_dict(),
-            "created_at": utc_now(),
-            "job": job_config,
-        }
-        storage.write_bytes_atomic(fs, path, _dump(run))
-        return run
+            raise OutputConflictError(f"{self.out.url} has done markers but no {name}; refusing to guess how they "
+                                      "were made")
+        new = record()
+        storage.write_bytes_atomic(fs, path, _dump(new))
+        return new
+
+    @staticmethod
+    def run_record(identity: CodecIdentity, job_config: dict[str, Any]) -> dict[str, Any]:
+        return {"format": ARCHIVE_FORMAT, "format_version": FORMAT_VERSION, "codec": identity.to_dict(),
+                "created_at": utc_now(), "job": job_config}
+
+    def run_check(self, identity: CodecIdentity) -> Callable[[dict[str, Any]], None]:
+        return lambda run: self._check_run(run, identity)
+
+    def settings_check(self, name: str, settings: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+        """A ``claim`` check: the existing guard file's ``settings`` must equal ``settings``."""
+
+        def check(existing: dict[str, Any]) -> None:
+            before = existing.get("settings", {})
+            diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+            if diff:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise OutputConflictError(
+                    f"refusing to add to {self.out.url}: it was written with other settings ({shown}). "
+                    "Use a new --output, or rerun with the settings that wrote it.")
+
+        return check
 
     def _check_run(self, run: dict[str, Any], identity: CodecIdentity) -> None:
         where = self.out.to_url(self.out.path(RUN_FILE))

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class ProgressSink(Protocol):
+    verb: str  # names the job in the start line: archiving, restoring, auditing (set by the driver)
+
     def start(self, total_shards: int, already_done: int) -> None: ...
 
     def shard_progress(self, shard_id: str, images: int, worker: str) -> None: ...
@@ -32,7 +34,7 @@ class ProgressSink(Protocol):
 class NullProgress:
     """A sink that only logs shard completions and failures.
 
-    ``verb`` names the job in the start line (restore/audit set it to ``restoring``/``auditing``).
+    ``verb`` names the job in the start line (the driver sets it from the task: ``restoring``...).
     """
 
     verb = "archiving"

@@ -34,7 +34,7 @@ import tarfile
 import time
 import zlib
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import fsspec
 
@@ -195,7 +195,7 @@ class _WatchedTarInfo(tarfile.TarInfo):
     """Remembers why header parsing stopped: only an all-zero block is a proper end of archive."""
 
     @classmethod
-    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tf: tarfile.TarFile) -> Self:
         try:
             return super().fromtarfile(tf)
         except tarfile.HeaderError as exc:
@@ -214,15 +214,21 @@ def split_member_name(name: str) -> tuple[str, str]:
     return dirname + slash + base[:dot], base[dot + 1:]
 
 
+# tarfile's HeaderError subclasses tell a proper end of archive from a cut one; typeshed does not list them
+_EOF_HEADER: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_EMPTY_HEADER: type[Exception] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
+_TRUNCATED_HEADER: type[Exception] = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+
+
 def _end_damage(tf: tarfile.TarFile) -> ShardDamage | None:
     """Damage implied by how ``tarfile`` stopped iterating (None for a proper end-of-archive block)."""
     reason = getattr(tf, "_end_reason", None)
-    if isinstance(reason, tarfile.EOFHeaderError):
+    if isinstance(reason, _EOF_HEADER):
         return None
-    if isinstance(reason, tarfile.EmptyHeaderError):
+    if isinstance(reason, _EMPTY_HEADER):
         return ShardDamage(tf.offset, f"stream ends at byte {tf.offset} without the end-of-archive marker "
                                       "(truncated at a member boundary?)")
-    if isinstance(reason, tarfile.TruncatedHeaderError):
+    if isinstance(reason, _TRUNCATED_HEADER):
         return ShardDamage(tf.offset, f"truncated tar header at byte {tf.offset}")
     if reason is not None:
         return ShardDamage(tf.offset, f"invalid tar header at byte {tf.offset}: {reason}")
@@ -269,7 +275,7 @@ class ShardReader:
 
     def _samples(self, stream: _GuardedStream) -> Iterator[Sample]:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo)  # type: ignore[arg-type]
+            tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo)  # type: ignore[call-overload]
         except _DAMAGE_ERRORS as exc:
             self._raise_if_storage(stream)
             self.damage = ShardDamage(0, f"not a readable tar archive: {type(exc).__name__}: {exc}")
@@ -303,7 +309,9 @@ class ShardReader:
                 current.members.append(Member(info.name, ext, info.size, None, "member_too_large"))
                 continue
             try:
-                data = tf.extractfile(info).read()  # type: ignore[union-attr]
+                member = tf.extractfile(info)  # a regular file (checked above): never None
+                assert member is not None
+                data = member.read()
             except _DAMAGE_ERRORS as exc:
                 self._raise_if_storage(stream)
                 self.damage = ShardDamage(info.offset_data, f"member {info.name!r} cut off: "

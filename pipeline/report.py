@@ -13,7 +13,7 @@ import base64
 import html
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ def _figure_png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def make_plots(columns: dict[str, Sequence[float | None]]) -> dict[str, bytes]:
+def make_plots(columns: Mapping[str, Sequence[float | None]]) -> dict[str, bytes]:
     """PNG bytes of the histograms of every metric with values, and the bpp-vs-PSNR scatter."""
     import matplotlib
 
@@ -116,7 +116,7 @@ def _aggregate_table(summary: dict[str, Any]) -> str:
 
 
 def _unavailable(summary: dict[str, Any]) -> str:
-    from .metrics import PERCEPTUAL_METRICS
+    from perceptual import PERCEPTUAL_METRICS
 
     missing = summary.get("metrics_unavailable") or {}
     requested = summary.get("perceptual_requested", list(PERCEPTUAL_METRICS))
@@ -183,7 +183,8 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], crops: Sequenc
 <h1>{html.escape(title)}</h1>
 <p class=meta>sources {html.escape(', '.join(summary.get('sources_patterns', [])))} &middot; codec
 <code>{html.escape(str(summary['codec']['fingerprint'])[:16])}</code> ({html.escape(str(summary['codec'].get('name')))})
-&middot; fraction {summary['fraction']} (seed {summary['seed']}) &middot; generated {html.escape(summary['generated_at'])}</p>
+&middot; fraction {summary['fraction']} (seed {summary['seed']})
+&middot; generated {html.escape(summary['generated_at'])}</p>
 <p>{im['audited']} keys audited ({im['ok']} measured, {im['failed']} failed) of {im['archived']} archived in
 {len(summary['shards'])} shard(s); {im['not_archived']} input samples were never archived.</p>
 <h2>Aggregate</h2>{_aggregate_table(summary)}
@@ -196,7 +197,7 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes], crops: Sequenc
 """
 
 
-def write_report(out: OutputLocation, summary: dict[str, Any], columns: dict[str, Sequence[float | None]],
+def write_report(out: OutputLocation, summary: dict[str, Any], columns: Mapping[str, Sequence[float | None]],
                  crops: Sequence[dict[str, Any]]) -> dict[str, str]:
     """Write ``plots/*.png`` and ``report.html`` under ``out``; returns name -> URL."""
     plots = make_plots(columns)

@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
@@ -36,9 +36,10 @@ from PIL import Image
 from . import storage
 from .archives import DECODE_COLUMNS, read_rows
 from .decoder import DECODE_REASONS, Decoder, RejectedStream, SizeBuckets, StreamDecodeError, StreamInfo
-from .manifest import Manifest, OutputConflictError, OutputLocation, utc_now
-from .runner import FatalShardError
-from .types import STATUS_FAILED, STATUS_OK, ShardRef, ShardStats, mark_failed
+from .executors.errors import check_fingerprint
+from .manifest import Manifest, OutputLocation, utc_now
+from .rows import Row, column, required, rows_table
+from .types import STATUS_OK, ShardRef, ShardStats
 from .writer import to_parquet_bytes
 
 ProgressFn = Callable[[int], None]
@@ -56,31 +57,6 @@ RESTORE_REASONS: dict[str, str] = DECODE_REASONS | {
 
 
 # ------------------------------------------------------------------------------------ job file
-def ensure_job_file(out: OutputLocation, name: str, settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Create ``<out>/<name>`` with ``settings`` (+ ``extra``), or check that an existing one has the same settings.
-
-    ``settings`` are what must not change between the runs that fill one output prefix (the
-    archive read, the codec, the output format, decoding overrides...): resuming with other
-    settings would mix incompatible shards. Raises OutputConflictError naming the differences.
-    """
-    fs, path = out.fs, out.path(name)
-    if storage.exists(fs, path):
-        existing = json.loads(storage.read_bytes(fs, path))
-        before = existing.get("settings", {})
-        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if diff:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise OutputConflictError(
-                f"refusing to add to {out.url}: it was written with other settings ({shown}). "
-                "Use a new --output, or rerun with the settings that wrote it.")
-        return existing
-    if Manifest(out).done_shards():
-        raise OutputConflictError(f"{out.url} has done markers but no {name}; refusing to guess how they were made")
-    record = {"settings": settings, "created_at": utc_now(), **extra}
-    storage.write_bytes_atomic(fs, path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-    return record
-
-
 # ------------------------------------------------------------------------------------ checks
 def check_row(decoder: Decoder, row: dict[str, Any], steps: int | None, detail_scale: float | None) -> StreamInfo:
     """Validate an archived row's stream before decoding; raises RejectedStream with the reason.
@@ -181,49 +157,30 @@ class RestoreConfig:
 
 
 @dataclass
-class RestoreRecord:
-    """One row of ``keys/<shard>.parquet``."""
+class RestoreRecord(Row):
+    """One row of ``keys/<shard>.parquet``; :data:`KEYS_SCHEMA` is derived from these fields."""
 
-    key: str
-    src_index: int
-    status: str = STATUS_FAILED
-    reason: str | None = None
-    error: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    detail_scale: float | None = None
-    output: str | None = None
-    png_bytes: int | None = None
-    png_sha256: bytes | None = None
-    pixels_sha256: bytes | None = None
+    reasons = RESTORE_REASONS
+    tail_after = "src_index"
 
-    def fail(self, reason: str, message: str) -> RestoreRecord:
-        mark_failed(self, reason, message, RESTORE_REASONS, "restore failure")
-        return self
+    key: str = required(pa.string())
+    src_index: int = required(pa.int32())
+    # status, reason, error (Row)
+    width: int | None = column(pa.int32())
+    height: int | None = column(pa.int32())
+    steps: int | None = column(pa.int16())
+    detail_scale: float | None = column(pa.float32())
+    output: str | None = column(pa.string())
+    png_bytes: int | None = column(pa.int64())
+    png_sha256: bytes | None = column(pa.binary(32))
+    pixels_sha256: bytes | None = column(pa.binary(32))
 
 
-KEYS_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("src_index", pa.int32(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("reason", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("steps", pa.int16()),
-    pa.field("detail_scale", pa.float32()),
-    pa.field("output", pa.string()),
-    pa.field("png_bytes", pa.int64()),
-    pa.field("png_sha256", pa.binary(32)),
-    pa.field("pixels_sha256", pa.binary(32)),
-])
+KEYS_SCHEMA = RestoreRecord.arrow_schema()
 
 
 def keys_table(records: Sequence[RestoreRecord], metadata: dict[str, str]) -> pa.Table:
-    ordered = sorted(records, key=lambda r: r.key)
-    columns = {name: [getattr(r, name) for r in ordered] for name in KEYS_SCHEMA.names}
-    return pa.table(columns, schema=KEYS_SCHEMA.with_metadata(metadata))
+    return rows_table(records, KEYS_SCHEMA, metadata)
 
 
 # ------------------------------------------------------------------------------------ sinks
@@ -234,7 +191,7 @@ class _WdsSink:
     def __init__(self, out: OutputLocation, shard_id: str, spool_memory_bytes: int) -> None:
         self.out, self.shard_id = out, shard_id
         self.path = out.path("shards", f"{shard_id}.tar")
-        self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=spool_memory_bytes)  # noqa: SIM115
+        self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=spool_memory_bytes)
         self.index: dict[str, tuple[int, int, int]] = {}  # member -> (src_index, offset, length)
         self.bytes_written = 0
         self.sha256 = ""
@@ -252,7 +209,7 @@ class _WdsSink:
         counter = _Counting(digest)
         with storage.open_atomic(self.out.fs, self.path) as raw:
             counter.raw = raw
-            with tarfile.open(fileobj=counter, mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[arg-type]
+            with tarfile.open(fileobj=counter, mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
                 for name, (_, offset, length) in sorted(self.index.items(), key=lambda kv: (kv[1][0], kv[0])):
                     self.spool.seek(offset)
                     info = tarfile.TarInfo(name)
@@ -310,10 +267,7 @@ class _FolderSink:
 def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config: RestoreConfig, *,
                   attempt: int = 1, worker: str = "", progress: ProgressFn | None = None) -> ShardStats:
     """Decode every archived row of ``shard`` (its ``url`` is the archive Parquet file); see the module doc."""
-    fingerprint = decoder.fingerprint.hex()
-    if config.expected_fingerprint and fingerprint != config.expected_fingerprint:
-        raise FatalShardError(f"worker {worker or '?'} loaded codec {fingerprint}, but the archive was written by "
-                              f"{config.expected_fingerprint}")
+    fingerprint = check_fingerprint(decoder, config.expected_fingerprint, worker, "the archive was written by")
     started, t0 = utc_now(), time.perf_counter()
     rows = read_rows(shard.url, config.storage_options, DECODE_COLUMNS)
     read_s = time.perf_counter() - t0
@@ -321,8 +275,9 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
     sink: _WdsSink | _FolderSink = (_WdsSink(out, shard.shard_id, config.spool_memory_bytes)
                                     if config.format == "wds" else _FolderSink(out, shard.shard_id))
     records: list[RestoreRecord] = []
-    buckets: SizeBuckets[tuple[RestoreRecord, bytes, StreamInfo]] = SizeBuckets(config.batch_size, config.max_pending_pixels)
-    timing = Counter[str]()
+    buckets: SizeBuckets[tuple[RestoreRecord, bytes, StreamInfo]] = SizeBuckets(config.batch_size,
+                                                                                config.max_pending_pixels)
+    timing: defaultdict[str, float] = defaultdict(float)
     done = 0
 
     def run(batch: list[tuple[RestoreRecord, bytes, StreamInfo]]) -> None:
@@ -331,7 +286,7 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
         images = decode_streams(decoder, [b for _, b, _ in batch], [i for _, _, i in batch],
                                 config.steps, config.detail_scale)
         timing["decode"] += time.perf_counter() - t
-        for (record, _, info), image in zip(batch, images):
+        for (record, _, _), image in zip(batch, images):
             if isinstance(image, RejectedStream):
                 record.fail(image.reason, image.message)
                 continue
@@ -379,7 +334,6 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
         raise
 
     ok = [r for r in records if r.status == STATUS_OK]
-    failed = sorted((r for r in records if r.status != STATUS_OK), key=lambda r: r.key)
     t = time.perf_counter()
     metadata = {"rdeic.restore.shard": json.dumps({"shard_id": shard.shard_id, "archive": shard.url}),
                 "rdeic.restore.format": config.format, "rdeic.codec.fingerprint": fingerprint,
@@ -390,12 +344,8 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
     timing["write"] += time.perf_counter() - t
     total = time.perf_counter() - t0
     by_key = {r["key"]: r for r in archived}
-    stats = ShardStats(
-        shard_id=shard.shard_id, url=shard.url, archive=output_url, codec_fingerprint=fingerprint,
-        rows=len(records), ok=len(ok), failed=len(failed),
-        failed_by_reason=dict(sorted(Counter(r.reason or "unknown" for r in failed).items())),
-        failed_keys=[r.key for r in failed[: config.max_failed_keys]],
-        failed_keys_truncated=len(failed) > config.max_failed_keys,
+    stats = ShardStats.from_rows(
+        shard, records, max_failed_keys=config.max_failed_keys, archive=output_url, codec_fingerprint=fingerprint,
         bitstream_bytes=sum(len(by_key[r.key]["bitstream"] or b"") for r in ok),
         mean_bpp=round(float(np.mean([by_key[r.key]["bpp"] for r in ok])), 6) if ok else None,
         parquet_bytes=len(keys_data), parquet_sha256=hashlib.sha256(keys_data).hexdigest(),
@@ -413,7 +363,7 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
 
 
 def restore_settings(archive_url: str, fingerprint: str, config: RestoreConfig) -> dict[str, Any]:
-    """What must stay the same across runs into one restore output (see :func:`ensure_job_file`)."""
+    """What must stay the same across runs into one restore output (``Manifest.settings_check`` of restore.json)."""
     return {"archive": archive_url, "codec_fingerprint": fingerprint, "format": config.format,
             "steps": config.steps, "detail_scale": config.detail_scale}
 

@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .encoder import Encoder
+from .executors.errors import check_fingerprint
 from .failures import is_transient
 from .manifest import Manifest, OutputLocation, utc_now
-from .runner import ProgressFn, ShardConfig, check_encoder, encode_shard, process_shard, shard_stats
+from .runner import ProgressFn, ShardConfig, encode_shard, process_shard, shard_stats
 from .types import STATUS_OK, Record, ShardRef, ShardStats
 from .writer import ARCHIVE_SCHEMA, build_table, to_parquet_bytes
 
@@ -65,7 +66,7 @@ def retry_failed_rows(shard: ShardRef, encoder: Encoder, out: OutputLocation, co
     ``stats.extra["retry"]`` says what happened: ``rows`` retried, ``now_ok``, ``still_failed``
     (by reason), ``kept`` (source gone or changed: the old row stays).
     """
-    fingerprint = check_encoder(encoder, config, worker)
+    fingerprint = check_fingerprint(encoder, config.expected_fingerprint, worker)
     t0 = time.perf_counter()
     manifest = Manifest(out)
     previous = manifest.read_done([shard.shard_id])

@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,8 @@ from typing import Any
 from . import storage
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_PIXELS, Batch, Batcher, PendingImage
 from .encoder import Encoder
-from .failures import TRANSIENT, is_out_of_memory, shard_error_class
+from .executors.errors import check_fingerprint
+from .failures import is_out_of_memory
 from .images import DEFAULT_MAX_PIXELS, SampleFailure, decode_image, image_extension
 from .manifest import Manifest, OutputLocation, utc_now
 from .reader import DEFAULT_MAX_MEMBER_BYTES, ShardReader
@@ -41,16 +41,6 @@ from .types import STATUS_OK, Member, Record, Sample, ShardRef, ShardStats
 from .writer import DEFAULT_ROW_GROUP_SIZE, build_table, to_parquet_bytes
 
 ProgressFn = Callable[[int], None]
-
-
-class FatalShardError(RuntimeError):
-    """A shard error that no retry can fix (e.g. the loaded model is not the run's codec)."""
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether retrying the shard could help: not for missing/forbidden inputs or fatal errors
-    (the classes of every failure: ``pipeline.failures``)."""
-    return not isinstance(exc, FatalShardError) and shard_error_class(exc) == TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -247,7 +237,7 @@ def encode_images(encoder: Encoder, items: Sequence[PendingImage]) -> list[Recor
     try:
         streams = _checked(encoder.encode([p.pixels for p in items]), len(items))
         return [_complete(p.record, s) for p, s in zip(items, streams)]
-    except Exception as exc:  # noqa: BLE001 - sorted into per-image vs fatal below
+    except Exception as exc:  # sorted into per-image vs fatal below
         if len(items) == 1:
             if not _is_per_image_error(exc):
                 raise
@@ -256,7 +246,7 @@ def encode_images(encoder: Encoder, items: Sequence[PendingImage]) -> list[Recor
     for p in items:
         try:
             out.append(_complete(p.record, _checked(encoder.encode([p.pixels]), 1)[0]))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if not _is_per_image_error(exc):
                 raise
             out.append(_fail_image(p.record, exc))
@@ -264,15 +254,6 @@ def encode_images(encoder: Encoder, items: Sequence[PendingImage]) -> list[Recor
 
 
 # ---------------------------------------------------------------------------------------- the unit
-def check_encoder(encoder: Encoder, config: ShardConfig, worker: str = "") -> str:
-    """The encoder's fingerprint (hex); FatalShardError when it is not the codec the run expects."""
-    fingerprint = encoder.fingerprint.hex()
-    if config.expected_fingerprint and fingerprint != config.expected_fingerprint:
-        raise FatalShardError(f"worker {worker or '?'} loaded codec {fingerprint}, but the run expects "
-                              f"{config.expected_fingerprint}; is the model directory the same on every node?")
-    return fingerprint
-
-
 def encode_shard(shard: ShardRef, encoder: Encoder, config: ShardConfig, *, select: frozenset[str] | None = None,
                  progress: ProgressFn | None = None) -> tuple[list[Record], ShardReader, dict[str, float]]:
     """Read the shard (decoding on a thread of its own) and encode its images.
@@ -317,7 +298,7 @@ def process_shard(shard: ShardRef, encoder: Encoder, out: OutputLocation, config
         FileNotFoundError: the shard does not exist.
         StorageReadError / other exceptions: the attempt failed as a whole; retrying may help.
     """
-    fingerprint = check_encoder(encoder, config, worker)
+    fingerprint = check_fingerprint(encoder, config.expected_fingerprint, worker)
     started, t0 = utc_now(), time.perf_counter()
     records, reader, timing = encode_shard(shard, encoder, config, progress=progress)
 
@@ -358,14 +339,7 @@ def shard_stats(shard: ShardRef, records: Sequence[Record], archive_url: str, fi
                 config: ShardConfig) -> ShardStats:
     """The counts of a shard's marker (ok/failed, reasons, failed keys, bytes, bpp) from its rows."""
     ok = [r for r in records if r.status == STATUS_OK]
-    failed = sorted((r for r in records if r.status != STATUS_OK), key=lambda r: r.key)
-    return ShardStats(
-        shard_id=shard.shard_id, url=shard.url, archive=archive_url, codec_fingerprint=fingerprint,
-        rows=len(records), ok=len(ok), failed=len(failed),
-        failed_by_reason=dict(sorted(Counter(r.reason or "unknown" for r in failed).items())),
-        failed_keys=[r.key for r in failed[: config.max_failed_keys]],
-        failed_keys_truncated=len(failed) > config.max_failed_keys,
-        src_bytes=sum(r.src_bytes or 0 for r in records),
-        bitstream_bytes=sum(len(r.bitstream or b"") for r in ok),
-        mean_bpp=round(sum(r.bpp or 0.0 for r in ok) / len(ok), 6) if ok else None,
-    )
+    return ShardStats.from_rows(
+        shard, records, max_failed_keys=config.max_failed_keys, archive=archive_url, codec_fingerprint=fingerprint,
+        src_bytes=sum(r.src_bytes or 0 for r in records), bitstream_bytes=sum(len(r.bitstream or b"") for r in ok),
+        mean_bpp=round(sum(r.bpp or 0.0 for r in ok) / len(ok), 6) if ok else None)

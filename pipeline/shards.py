@@ -69,7 +69,9 @@ def _matching_brace(s: str, start: int) -> int | None:
 
 def _brace_options(inner: str, pattern: str) -> list[str] | None:
     """The alternatives of one brace group, or None when the group is literal."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in inner:
         if ch == "," and depth == 0:
             parts.append("".join(cur))

@@ -14,20 +14,19 @@ See docs/weights.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-HELP = 'convert the official SD 2.1 + RDEIC checkpoints into a model directory'
+from ..exits import EXIT_OK, EXIT_USAGE, PlainError, run_reported
 
-log = logging.getLogger(__name__)
+HELP = 'convert the official SD 2.1 + RDEIC checkpoints into a model directory'
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``convert`` subcommand (sets ``func=run``)."""
-    p = subparsers.add_parser("convert", help="convert the official SD 2.1 + RDEIC checkpoints to our model format",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Add the ``convert`` subcommand (its ``func`` runs :func:`run`)."""
+    p = subparsers.add_parser("convert", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd", required=True, metavar="PATH",
                    help="SD 2.1-base: v2-1_512-ema-pruned.ckpt / .safetensors (LDM layout) or a diffusers folder")
     p.add_argument("--rdeic", required=True, metavar="PATH",
@@ -44,7 +43,7 @@ def register(subparsers: Any) -> None:
                         "(see ArchHints; repeatable)")
     p.add_argument("--name", default=None, help="model name stored in the config (default: the RDEIC file's stem)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run_reported("convert", lambda: run(args)))
 
 
 add_parser = register  # the name jobs/cli.py looks up
@@ -56,19 +55,16 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.force:
-        print(f"rdeic convert: {out} exists and is not empty (use --force to overwrite)", file=sys.stderr)
-        return 2
+        raise PlainError(f"{out} exists and is not empty (use --force to overwrite)", EXIT_USAGE)
     try:
         hints = ArchHints.from_pairs(args.hint)
     except ValueError as e:
-        print(f"rdeic convert: {e}", file=sys.stderr)
-        return 2
+        raise PlainError(str(e), EXIT_USAGE) from None
     try:
         report = convert(args.sd, args.rdeic, out, context=args.context, config=args.config, hints=hints,
                          name=args.name)
     except CheckpointError as e:
-        print(f"rdeic convert: {e}", file=sys.stderr)
-        return 1
+        raise PlainError(str(e)) from None
     mapped = sum(len(f.mapped) for f in report.files)
     ignored = sum(len(f.ignored) for f in report.files)
     rebuilt = sum(len(f.rebuilt) for f in report.files)
@@ -77,16 +73,4 @@ def run(args: argparse.Namespace) -> int:
     if report.overridden_differing:
         print(f"note: {len(report.overridden_differing)} tensors differ between the SD and RDEIC files; the RDEIC "
               "file's values were used (as the reference does)", file=sys.stderr)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rdeic")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return EXIT_OK

@@ -14,52 +14,32 @@ Exit status: 0 on success, 1 when the input cannot be read or encoded, 2 for a u
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.images import DEFAULT_MAX_PIXELS, SampleFailure, decode_image
 
-from ..codec import add_tile_batch_option, apply_tile_batch
+from ..codec import DEFAULT_MODEL, MODEL_ENV, add_tile_batch_option, default_model, load_codec
+from ..exits import EXIT_OK, FailedError, UsageError, run_command
+from ..options import at_least
 
 HELP = 'compress one image file to an .rde bitstream (like cwebp)'
 
-MODEL_ENV = "RDEIC_MODEL"
-DEFAULT_MODEL = "mini"
 BITSTREAM_SUFFIX = ".rde"
-EXIT_OK, EXIT_INPUT, EXIT_USAGE = 0, 1, 2
-
-
-class ModelLoadError(RuntimeError):
-    """The model named by --model cannot be loaded (message says why)."""
-
-
-def default_model() -> str:
-    """``$RDEIC_MODEL`` or the shipped default, as ``rdeic archive`` does."""
-    return os.environ.get(MODEL_ENV, DEFAULT_MODEL)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --steps, --detail-scale and --tile-batch of ``encode`` and ``decode``."""
     p.add_argument("--model", default=default_model(), metavar="NAME_OR_DIR",
                    help=f"model directory or shipped name (default: ${MODEL_ENV} or {DEFAULT_MODEL!r})")
     p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda, cuda:N")
-    p.add_argument("--steps", type=_non_negative_int, default=None, metavar="S",
+    p.add_argument("--steps", type=at_least(0), default=None, metavar="S",
                    help="denoising steps (encode: stored as the decoder default; decode: override)")
     p.add_argument("--detail-scale", type=_non_negative_float, default=None, metavar="X",
                    help="detail scale (encode: stored as the decoder default; decode: override)")
     add_tile_batch_option(p)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -72,82 +52,61 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def load_codec(model: str, device: str = "auto", tile_batch: int | None = None) -> Any:
-    """``RDEICCodec.from_pretrained(model)`` on ``device`` (float32), ``tiling.batch`` set to ``tile_batch``
-    (None: the codec's default); ModelLoadError says what is wrong."""
-    import torch
-
-    from rdeic_core import RDEICCodec
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device!r} requested but CUDA is not available here")
-    try:
-        codec = RDEICCodec.from_pretrained(model)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"--model {model!r}: {exc}") from None
-    try:
-        apply_tile_batch(codec, tile_batch)
-    except ValueError as exc:
-        raise ModelLoadError(str(exc)) from None
-    return codec.to(device)
-
-
-def default_output(path: Path, suffix: str) -> Path:
-    return path.with_suffix(suffix)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("encode", help="compress one image file to an .rde bitstream (like cwebp)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="IN", help="image file (PNG, JPEG, WebP, TIFF, ...)")
-    p.add_argument("-o", "--output", metavar="OUT.rde", default=None,
-                   help=f"bitstream file to write (default: IN with suffix {BITSTREAM_SUFFIX})")
-    add_model_options(p)
-    p.add_argument("--seed", type=_non_negative_int, default=None,
-                   help="decoder noise seed stored in the header (default: derived from the payload)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse larger images (decompression-bomb guard)")
-    p.set_defaults(func=run)
-    return p
-
-
-def _fail(message: str, status: int) -> int:
-    print(f"rdeic encode: error: {message}", file=sys.stderr)
-    return status
-
-
-def run(args: argparse.Namespace) -> int:
-    from rdeic_core.bitstream import bits_per_pixel
-
+def read_input(args: argparse.Namespace, suffix: str) -> tuple[Path, Path, bytes]:
+    """(IN, OUT: ``-o`` or IN with ``suffix``, the bytes of IN); FailedError when IN cannot be read."""
     src = Path(args.input)
-    out = Path(args.output) if args.output else default_output(src, BITSTREAM_SUFFIX)
     try:
         data = src.read_bytes()
     except OSError as exc:
-        return _fail(f"cannot read {str(src)!r}: {exc.strerror or exc}", EXIT_INPUT)
+        raise FailedError(f"cannot read {str(src)!r}: {exc.strerror or exc}") from None
+    return src, Path(args.output) if args.output else src.with_suffix(suffix), data
+
+
+def add_file_command(subparsers: Any, name: str, help: str, doc: str | None, body: Callable[[argparse.Namespace], int],
+                     input_: tuple[str, str], output: tuple[str, str]) -> argparse.ArgumentParser:
+    """A one-file command (``encode``, ``decode``): IN and ``-o OUT`` (``(metavar, help)`` each), the model
+    options, and ``body(args)`` run by ``run_command``."""
+    p = subparsers.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar=input_[0], help=input_[1])
+    p.add_argument("-o", "--output", metavar=output[0], default=None, help=output[1])
+    add_model_options(p)
+    p.set_defaults(func=lambda args: run_command(name, lambda: body(args)))
+    return p
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = add_file_command(subparsers, "encode", HELP, __doc__, encode_file,
+                         ("IN", "image file (PNG, JPEG, WebP, TIFF, ...)"),
+                         ("OUT.rde", f"bitstream file to write (default: IN with suffix {BITSTREAM_SUFFIX})"))
+    p.add_argument("--seed", type=at_least(0), default=None,
+                   help="decoder noise seed stored in the header (default: derived from the payload)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse larger images (decompression-bomb guard)")
+    return p
+
+
+def encode_file(args: argparse.Namespace) -> int:
+    from rdeic_core.bitstream import bits_per_pixel
+
+    src, out, data = read_input(args, BITSTREAM_SUFFIX)
     try:
         image = decode_image(data, max_pixels=args.max_pixels)
     except SampleFailure as exc:
-        return _fail(f"{src} is not a usable image ({exc.reason}): {exc.message}", EXIT_INPUT)
+        raise FailedError(f"{src} is not a usable image ({exc.reason}): {exc.message}") from None
     except ValueError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    try:
-        codec = load_codec(args.model, args.device, args.tile_batch)
-    except ModelLoadError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        raise UsageError(str(exc)) from None
+    codec = load_codec(args.model, args.device, args.tile_batch)
     t0 = time.perf_counter()
     try:
         stream = codec.encode([image.pixels], steps=args.steps, detail_scale=args.detail_scale, seed=args.seed)[0]
     except (ValueError, MemoryError) as exc:
-        return _fail(f"the codec refused {src}: {exc}", EXIT_INPUT)
+        raise FailedError(f"the codec refused {src}: {exc}") from None
     seconds = time.perf_counter() - t0
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(stream)
     except OSError as exc:
-        return _fail(f"cannot write {str(out)!r}: {exc.strerror or exc}", EXIT_INPUT)
+        raise FailedError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
     bpp = bits_per_pixel(stream, image.height, image.width)
     print(f"{src} ({image.width}x{image.height} {image.mode}) -> {out}: {len(stream)} bytes, {bpp:.4f} bpp "
           f"in {seconds:.2f}s (model {codec.config.name}, fingerprint {codec.fingerprint.hex()[:8]})")

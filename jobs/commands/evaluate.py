@@ -22,20 +22,16 @@ Exit status: 0 on success, 2 for a usage error (no images, unknown model, bad op
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import rd_eval
-from ..codec import add_tile_batch_option, apply_tile_batch
+from ..codec import DEFAULT_MODEL, add_tile_batch_option, load_codec
+from ..exits import EXIT_OK, UsageError, run_command
 
 HELP = 'evaluate a codec on an image set (rate/distortion/perception)'
-
-EXIT_OK, EXIT_USAGE = 0, 2
-DEFAULT_MODEL = "mini"
-log = logging.getLogger("rdeic.evaluate")
 
 
 def int_list(text: str) -> list[int]:
@@ -62,7 +58,10 @@ def model_label(arg: str) -> tuple[str, str]:
     return Path(arg).name or arg, arg
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``rdeic evaluate`` (the hook jobs/cli.py calls)."""
+    p = subparsers.add_parser("evaluate", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (png, jpg, webp, ...)")
     p.add_argument("--model", action="append", default=None, metavar="[LABEL=]NAME|DIR",
                    help=f"model to evaluate; repeat for several rate points (default: {DEFAULT_MODEL})")
@@ -76,44 +75,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bpp", type=float, default=1.0, help="right end of the plot's bpp axis")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     add_tile_batch_option(p)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``rdeic evaluate`` (the hook jobs/cli.py calls)."""
-    p = subparsers.add_parser("evaluate", help="rate-distortion of a model against JPEG/WebP on a folder of images",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=main_from_args)
+    p.set_defaults(func=lambda args: run_command("evaluate", lambda: run(args)))
     return p
 
 
 def _check(args: argparse.Namespace) -> None:
     if any(s < 0 for s in args.steps) or not args.steps:
-        raise ValueError(f"--steps must be non-negative integers, got {args.steps}")
+        raise UsageError(f"--steps must be non-negative integers, got {args.steps}")
     if any(not 0 <= q <= 100 for q in args.jpeg_qualities + args.webp_qualities):
-        raise ValueError("qualities must lie in 0..100")
+        raise UsageError("qualities must lie in 0..100")
     if args.max_bpp <= 0:
-        raise ValueError(f"--max-bpp must be > 0, got {args.max_bpp}")
+        raise UsageError(f"--max-bpp must be > 0, got {args.max_bpp}")
 
 
-def main_from_args(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rdeic_core.codec import RDEICCodec
-
-    models_arg = args.model or [DEFAULT_MODEL]
+    _check(args)
     try:
-        _check(args)
         images = rd_eval.load_images(args.images)
-        models = {}
-        for m in models_arg:
-            label, path = model_label(m)
-            if label in models:
-                raise ValueError(f"two --model arguments are labelled {label!r}; use LABEL=DIR to tell them apart")
-            models[label] = apply_tile_batch(RDEICCodec.from_pretrained(path), args.tile_batch)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rdeic evaluate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except FileNotFoundError as exc:  # no such folder, or no images in it
+        raise UsageError(str(exc)) from None
+    models = {}
+    for m in args.model or [DEFAULT_MODEL]:
+        label, path = model_label(m)
+        if label in models:
+            raise UsageError(f"two --model arguments are labelled {label!r}; use LABEL=DIR to tell them apart")
+        models[label] = load_codec(path, "cpu", args.tile_batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("outputs") / "evaluate" / "+".join(models)
@@ -127,12 +115,10 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.commands.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return main_from_args(args)
+    """``python -m jobs.commands.evaluate ARGS``: the same as ``rdeic evaluate ARGS``."""
+    from ..cli import main as rdeic
+
+    return rdeic(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

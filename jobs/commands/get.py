@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,28 +28,34 @@ from pipeline.archives import DECODE_COLUMNS, ArchiveReadError, KeyNotFoundError
 from pipeline.decoder import RejectedStream
 from pipeline.restore import check_row, decode_streams
 
-from .archive import EXECUTORS, EXIT_CONFIG, EXIT_OK, EXIT_SHARDS_FAILED, _json_object
-from ..codec import add_tile_batch_option
-from .restore import RDEICDecoderFactory, add_decode_overrides, open_archive, storage_options_for
+from ..codec import RDEICDecoderFactory, add_decode_overrides, add_tile_batch_option, open_archive
+from ..exits import EXIT_OK, PlainError, UsageError, run_reported
+from ..options import EXECUTORS, json_object
 
 HELP = 'fetch and decode single images from an archive by key'
 
-EXIT_NOT_DECODED = EXIT_SHARDS_FAILED
 
+class GetError(PlainError):
+    """The key exists nowhere, was never archived, or its stream cannot be decoded; ``reason`` says which.
 
-class GetError(RuntimeError):
-    """The key exists nowhere, was never archived, or its stream cannot be decoded; ``reason`` says which."""
+    Printed as ``rdeic get: KEY: reason: message``; exit 1.
+    """
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
+    def __init__(self, key: str, reason: str, message: str) -> None:
+        super().__init__(f"{key}: {reason}: {message}")
+        self.key = key
         self.reason = reason
         self.message = message
 
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # picklable across a Ray task boundary
-        return (type(self), (self.reason, self.message))
+    def __reduce__(self) -> tuple[Any, tuple[str, str, str]]:  # picklable across a Ray task boundary
+        return (type(self), (self.key, self.reason, self.message))
 
 
-@dataclass(frozen=True)
+class GetConfigError(UsageError, ValueError):
+    """The key cannot be fetched as configured (a value, the archive, the model, the output). Exit 2."""
+
+
+@dataclass(frozen=True, kw_only=True)  # a dozen settings: always named, like the flags they come from
 class GetJob:
     archive: str
     key: str
@@ -81,10 +86,10 @@ def _decode_one(factory: RDEICDecoderFactory, row: dict[str, Any], steps: int | 
     try:
         info = check_row(decoder, row, steps, detail_scale)
     except RejectedStream as exc:
-        raise GetError(exc.reason, exc.message) from None
+        raise GetError(row["key"], exc.reason, exc.message) from None
     image = decode_streams(decoder, [row["bitstream"]], [info], steps, detail_scale)[0]
     if isinstance(image, RejectedStream):
-        raise GetError(image.reason, image.message)
+        raise GetError(row["key"], image.reason, image.message)
     return image
 
 
@@ -102,7 +107,7 @@ def _decode_on_ray(job: GetJob, factory: RDEICDecoderFactory, row: dict[str, Any
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             if isinstance(cause, GetError):
-                raise GetError(cause.reason, cause.message) from None
+                raise GetError(cause.key, cause.reason, cause.message) from None
             raise
     finally:
         if started:
@@ -121,21 +126,32 @@ def encode_image_file(image: np.ndarray, name: str) -> bytes:
 
 
 def run_get(job: GetJob) -> GetResult:
-    """Look the key up, decode it, write the image. Raises ValueError (configuration) or GetError."""
+    """Look the key up, decode it, write the image.
+
+    Raises GetError when the key is not decoded, GetConfigError (a ValueError) when the job cannot
+    run as configured.
+    """
+    try:
+        return _get(job)
+    except ValueError as exc:  # a value, the archive, the model or the output: nothing was written
+        raise GetConfigError(str(exc)) from None
+
+
+def _get(job: GetJob) -> GetResult:
     if job.executor not in EXECUTORS:
         raise ValueError(f"unknown executor {job.executor!r}; expected one of {EXECUTORS}")
     if job.tile_batch is not None and job.tile_batch < 1:
         raise ValueError(f"--tile-batch must be >= 1, got {job.tile_batch}")
-    options = storage_options_for([job.archive], job.output, job.storage_options)
+    options = storage.with_env_endpoint([job.archive, job.output], job.storage_options)
     archive, _, factory, _ = open_archive(job.archive, options, job.model, job.compute_dtype, job.tile_batch)
     try:
         row, stats = lookup(archive, job.key, DECODE_COLUMNS)
     except KeyNotFoundError as exc:
-        raise GetError("no_such_key", str(exc)) from None
+        raise GetError(job.key, "no_such_key", str(exc)) from None
     except ArchiveReadError as exc:
-        raise GetError("incomplete_shard", str(exc)) from None
+        raise GetError(job.key, "incomplete_shard", str(exc)) from None
     if row["status"] != "ok":
-        raise GetError("not_archived", f"{job.key} was not archived: {row['reason']}")
+        raise GetError(job.key, "not_archived", f"{job.key} was not archived: {row['reason']}")
     if job.executor == "ray":
         image = _decode_on_ray(job, factory, row)
     else:
@@ -146,8 +162,8 @@ def run_get(job: GetJob) -> GetResult:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("get", help="decode one archived image by key (random access)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("get", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("archive", metavar="ARCHIVE", help="archive prefix written by `rdeic archive`")
     p.add_argument("key", metavar="KEY", help="archive key, '<shard_id>/<sample key>'")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write (format from its extension)")
@@ -156,7 +172,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="model (default: $RDEIC_MODEL, else the model in the archive's run.json)")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local (this process) or ray (a Ray task, on a GPU if the cluster has one)")
-    p.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON")
+    p.add_argument("--storage-options", type=json_object, default={}, metavar="JSON")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "float16"))
@@ -171,14 +187,10 @@ def main_from_args(args: argparse.Namespace) -> int:
                  storage_options=args.storage_options, device=args.device,
                  compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
                  tile_batch=args.tile_batch, ray_address=args.ray_address)
-    try:
-        result = run_get(job)
-    except GetError as exc:
-        print(f"rdeic get: {job.key}: {exc}", file=sys.stderr)
-        return EXIT_NOT_DECODED
-    except ValueError as exc:
-        print(f"rdeic get: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    return run_reported("get", lambda: _print_result(job, run_get(job)))
+
+
+def _print_result(job: GetJob, result: GetResult) -> int:
     h, w = result.image.shape[:2]
     print(json.dumps({"key": job.key, "output": result.output, "width": w, "height": h,
                       "bpp": result.row.get("bpp"), "file": result.lookup.file,

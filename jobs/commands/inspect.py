@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
+
+from ..exits import EXIT_OK, PlainError, run_reported
+from ..options import json_object
 
 HELP = 'summary and metadata of an archive file or prefix'
 
-EXIT_OK, EXIT_NOT_ARCHIVE, EXIT_USAGE = 0, 1, 2
 STAT_COLUMNS = ["status", "reason", "bpp", "width", "height"]
 _JSON_KEYS = ("rdeic.schema_columns", "rdeic.model.hashes", "rdeic.versions", "rdeic.job", "rdeic.shard")
 
 
-class NotAnArchiveError(ValueError):
-    """The target is neither an archive Parquet file nor an output prefix holding some."""
+class NotAnArchiveError(PlainError, ValueError):
+    """The target is neither an archive Parquet file nor an output prefix holding some (or does not exist).
+
+    Printed as ``rdeic inspect: MESSAGE``; exit 1.
+    """
 
 
 def decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
@@ -142,12 +146,16 @@ def inspect_prefix(url: str, storage_options: dict[str, Any] | None = None) -> d
 
 
 def inspect_target(target: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`inspect_file` or :func:`inspect_prefix`; NotAnArchiveError also when the target does not exist."""
     from pipeline import storage
 
-    fs, path = storage.filesystem(storage.normalize_url(target), storage_options or {})
-    if target.endswith(".parquet") or (storage.exists(fs, path) and fs.isfile(path)):
-        return inspect_file(target, storage_options)
-    return inspect_prefix(target, storage_options)
+    try:
+        fs, path = storage.filesystem(storage.normalize_url(target), storage_options or {})
+        if target.endswith(".parquet") or (storage.exists(fs, path) and fs.isfile(path)):
+            return inspect_file(target, storage_options)
+        return inspect_prefix(target, storage_options)
+    except FileNotFoundError as exc:
+        raise NotAnArchiveError(f"not found: {exc}") from None
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -190,26 +198,17 @@ def format_inspect(info: dict[str, Any]) -> str:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .archive import _json_object
-
-    p = subparsers.add_parser("inspect", help="summary and metadata of an archive file or prefix",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("inspect", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="ARCHIVE_FILE_OR_PREFIX")
-    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                    help="fsspec options for remote storage, JSON or @file.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run_reported("inspect", lambda: run(args)))
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        info = inspect_target(args.target, args.storage_options)
-    except NotAnArchiveError as exc:
-        print(f"rdeic inspect: {exc}", file=sys.stderr)
-        return EXIT_NOT_ARCHIVE
-    except FileNotFoundError as exc:
-        print(f"rdeic inspect: not found: {exc}", file=sys.stderr)
-        return EXIT_NOT_ARCHIVE
+    info = inspect_target(args.target, args.storage_options)
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
     return EXIT_OK

@@ -25,19 +25,9 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from ..exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_command
 from ..logs import redact_text
-from .submit import (
-    EXIT_CLUSTER,
-    EXIT_INTERRUPTED,
-    EXIT_JOB_FAILED,
-    EXIT_OK,
-    ClusterError,
-    call,
-    follow_logs,
-    make_client,
-    resolve_address,
-    wait_terminal,
-)
+from .submit import call, follow_logs, make_client, resolve_address, wait_terminal
 
 HELP = 'status, logs or stop of a submitted Ray job'
 
@@ -75,7 +65,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("job", help="status, logs or stop of a submitted Ray job", description=__doc__,
+    p = subparsers.add_parser("job", help=HELP, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -96,19 +86,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="how long to wait for the job to reach STOPPED (0: do not wait)")
     q = common("list", "jobs on the cluster", with_id=False)
     q.add_argument("--json", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run_command(f"job {args.action}", lambda: run(args)))
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     address = resolve_address(args.address, None)
     try:
-        client = make_client(address)
-        return _ACTIONS[args.action](client, address, args)
-    except ClusterError as exc:
-        print(f"rdeic job {args.action}: error: {redact_text(str(exc))}", file=sys.stderr)
-        return EXIT_CLUSTER
-    except KeyboardInterrupt:
+        return _ACTIONS[args.action](make_client(address), address, args)
+    except KeyboardInterrupt:  # leaving `logs --follow` or `stop --wait`: quietly, like `tail -f`
         return EXIT_INTERRUPTED
 
 
@@ -118,7 +104,7 @@ def _status(client: Any, address: str, args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
-    return EXIT_JOB_FAILED if summary["status"] in ("FAILED", "STOPPED") else EXIT_OK
+    return EXIT_FAILED if summary["status"] in ("FAILED", "STOPPED") else EXIT_OK
 
 
 def _logs(client: Any, address: str, args: argparse.Namespace) -> int:
@@ -140,7 +126,7 @@ def _stop(client: Any, address: str, args: argparse.Namespace) -> int:
         return EXIT_OK
     status = wait_terminal(client, address, args.job_id, timeout_s=args.wait)
     print(f"job {args.job_id}: {status}")
-    return EXIT_OK if status in ("STOPPED", "FAILED", "SUCCEEDED") else EXIT_JOB_FAILED
+    return EXIT_OK if status in ("STOPPED", "FAILED", "SUCCEEDED") else EXIT_FAILED
 
 
 def _list(client: Any, address: str, args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -28,13 +27,14 @@ from typing import Any
 
 import yaml
 
+from ..exits import EXIT_OK, PlainError, UsageError, run_reported
+from ..options import json_object
+
 HELP = 'progress of an archive job (running or stopped) from its output location'
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE = 0, 1, 2
 
-
-class NoJobError(LookupError):
-    """The location holds no archive job (no run.json and no markers)."""
+class NoJobError(PlainError, LookupError):
+    """The location holds no archive job (no run.json and no markers). Printed as ``rdeic status: MESSAGE``; exit 1."""
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -154,12 +154,14 @@ def collect_status(output: str, storage_options: dict[str, Any] | None = None,
 
 
 def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
         value /= 1024
-    return f"{n} B"  # pragma: no cover
+    return f"{value:.1f} TiB"
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -198,20 +200,18 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .archive import _json_object
-
-    p = subparsers.add_parser("status", help="progress of an archive job (running or stopped) from its output",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("status", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", nargs="?", metavar="OUTPUT", help="the job's output prefix (s3://..., path)")
     p.add_argument("--config", metavar="SPEC.yaml", help="take OUTPUT and storage options from an archive spec")
-    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                    help="fsspec options for remote storage, JSON or @file.json")
     p.add_argument("--no-count-inputs", dest="count_inputs", action="store_false",
                    help="do not list the inputs to count the total (pending shown as '?')")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
                    help="refresh every SECONDS until the job is complete (Ctrl-C to leave)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run_reported("status", lambda: run(args)))
     return p
 
 
@@ -220,33 +220,26 @@ def _target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
     output, options = args.output, args.storage_options
     if args.config:
-        section = load_spec(args.config).job
+        try:
+            section = load_spec(args.config).job
+        except ValueError as exc:  # ConfigError: the spec is unreadable or invalid
+            raise UsageError(str(exc)) from None
         output = output or getattr(section, "output", None)
         if options is None:
             options = getattr(section, "storage_options", None)
     if not output:
-        raise ValueError("give OUTPUT or --config SPEC.yaml")
+        raise UsageError("give OUTPUT or --config SPEC.yaml")
     return output, dict(options or {})
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-
-    try:
-        output, options = _target(args)
-    except (ConfigError, ValueError) as exc:
-        print(f"rdeic status: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    output, options = _target(args)
     while True:
-        try:
-            s = collect_status(output, options, count_inputs=args.count_inputs)
-        except NoJobError as exc:
-            print(f"rdeic status: {exc}", file=sys.stderr)
-            return EXIT_NOT_FOUND
+        s = collect_status(output, options, count_inputs=args.count_inputs)
         print(json.dumps(s, indent=2) if args.json else format_status(s), flush=True)
         if not args.watch or s["state"] != "incomplete (running or stopped)":
             return EXIT_OK
         try:
             time.sleep(args.watch)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # leaving --watch is how it ends
             return EXIT_OK

@@ -46,12 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import exits
 from ..config import DEFAULT_PASS_ENV, ConfigError, JobSpec, load_spec
+from ..exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, run_command
 from ..logs import redact_text
 
 HELP = 'submit a job spec to a Ray cluster (Ray Jobs API) and stream its logs'
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # jobs/commands/submit.py -> the repository
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
@@ -64,11 +66,16 @@ DEFAULT_EXCLUDES = (".git", ".venv", "venv", "data", "outputs", "runs", "models"
 JOB_ENV = {"RDEIC_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 WORKER_SETUP_HOOK = "jobs.logs.setup_worker_logging"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-class ClusterError(RuntimeError):
-    """The cluster cannot be reached, refused the token, or rejected a request (message says which)."""
+class ClusterError(exits.ClusterError):
+    """The cluster cannot be reached, refused the token, or rejected a request (message says which). Exit 3.
+
+    The message is redacted: it may quote a URL or a Ray error that echoes credentials.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
 
 
 # ------------------------------------------------------------------------------------ address + auth
@@ -124,7 +131,7 @@ def make_client(address: str, environ: Mapping[str, str] | None = None) -> Any:
 
 
 def _auth_message(address: str, exc: BaseException) -> str:
-    first = redact_text(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"{address} refused the request ({first}). The cluster uses token authentication: set "
             f"{TOKEN_ENV} (or {TOKEN_PATH_ENV}, or put the token in ~/.ray/auth_token); on KubeRay read it "
             f"from the cluster's auth Secret (infra/README.md)")
@@ -139,7 +146,7 @@ def call(address: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     except AuthenticationError as exc:
         raise ClusterError(_auth_message(address, exc)) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(redact_text(str(exc))) from None
+        raise ClusterError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------ runtime env
@@ -335,7 +342,7 @@ def follow_logs(client: Any, job_id: str, out: TextIO) -> None:
     try:
         asyncio.run(tail())
     except (RuntimeError, OSError, aiohttp.ClientError) as exc:
-        raise ClusterError(redact_text(str(exc)) or type(exc).__name__) from None
+        raise ClusterError(str(exc) or type(exc).__name__) from None
 
 
 def wait_terminal(client: Any, address: str, job_id: str, timeout_s: float = 60.0, poll_s: float = 0.5) -> str:
@@ -350,7 +357,7 @@ def wait_terminal(client: Any, address: str, job_id: str, timeout_s: float = 60.
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API) and stream its logs",
+    p = subparsers.add_parser("submit", help=HELP,
                               usage="rdeic submit SPEC.yaml [options] [-- JOB FLAGS...]",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Flags after `--` are appended to the job's command line on the cluster "
@@ -375,13 +382,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be submitted (env var names only) and exit")
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run_command("submit", lambda: run(args)))
     return p
-
-
-def _err(message: str, status: int) -> int:
-    print(f"rdeic submit: error: {redact_text(message)}", file=sys.stderr)
-    return status
 
 
 def run(args: argparse.Namespace) -> int:
@@ -391,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
                                extra_args=getattr(args, "passthrough", []), submission_id=args.submission_id,
                                num_cpus=args.entrypoint_num_cpus, num_gpus=args.entrypoint_num_gpus)
     except ConfigError as exc:
-        return _err(str(exc), EXIT_USAGE)
+        raise UsageError(redact_text(str(exc))) from None
     address = resolve_address(args.address, spec.submit.address)
     try:
         if args.dry_run:
@@ -399,8 +401,6 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
         client = make_client(address)
         job_id = submit(client, address, sub)
-    except ClusterError as exc:
-        return _err(str(exc), EXIT_CLUSTER)
     finally:
         sub.cleanup()  # the working dir is uploaded by now
     print(f"submitted {spec.kind} job {job_id} to {address}\n{sub.describe()}", file=sys.stderr)
@@ -410,12 +410,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         follow_logs(client, job_id, sys.stdout)
         status = wait_terminal(client, address, job_id)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the job goes on: say how to stop it
         print(f"\nstopped following; job {job_id} keeps running. `rdeic job stop {job_id} --address {address}` "
               f"stops it.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ClusterError as exc:
-        return _err(f"lost the job's logs ({exc}); `rdeic job status {job_id} --address {address}`", EXIT_CLUSTER)
+        raise ClusterError(f"lost the job's logs ({exc}); `rdeic job status {job_id} --address {address}`") from None
     print(f"job {job_id}: {status}", file=sys.stderr)
     print(job_id)
-    return EXIT_OK if status == "SUCCEEDED" else EXIT_JOB_FAILED
+    return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED

@@ -13,16 +13,13 @@ several GPUs: ``torchrun --nproc_per_node=G -m jobs.commands.train --stage ... `
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-HELP = "train an RDEIC codec (stages of the paper's schedule)"
+from ..exits import EXIT_INTERRUPTED, EXIT_OK, PlainError, UsageError, run_reported
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_INTERRUPTED = 130
+HELP = "train an RDEIC codec (stages of the paper's schedule)"
 
 STAGE_CHOICES = ("vae", "prior", "stage1", "stage2")
 
@@ -31,24 +28,30 @@ def _scale_range(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--scale-range must be MIN_FRAC,MAX_FRAC (e.g. 0.8,1.0), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--scale-range must be MIN_FRAC,MAX_FRAC (e.g. 0.8,1.0), got {text!r}") from None
     return lo, hi
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand to an ``rdeic`` subparsers object."""
+    p = subparsers.add_parser("train", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=STAGE_CHOICES)
     p.add_argument("--run-dir", required=True, metavar="DIR", help="checkpoints, log.jsonl and the result model/")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", default="tiny", metavar="NAME|DIR",
                      help="architecture of a fresh (random) model: tiny, sd21 or a model dir (default: tiny)")
-    src.add_argument("--init", default=None, metavar="DIR", help="start from this saved model (previous stage's RUN/model)")
+    src.add_argument("--init", default=None, metavar="DIR",
+                     help="start from this saved model (previous stage's RUN/model)")
     p.add_argument("--control-ratio", type=float, default=None, metavar="R",
                    help="stage1: build a fresh control module R times the UNet's width (default: the init "
                         "model's; sd21 uses 0.2)")
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps of this stage")
     p.add_argument("--batch", type=int, default=4, help="crops per step and process (reference: 4)")
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (default: vae/prior/stage1 1e-4, stage2 2e-5)")
-    p.add_argument("--lambda-g", type=float, default=2.0, help="stage1/2 rate point l_guide_weight (2, 1, 0.5, 0.25, 0.1)")
+    p.add_argument("--lambda-g", type=float, default=2.0,
+                   help="stage1/2 rate point l_guide_weight (2, 1, 0.5, 0.25, 0.1)")
     p.add_argument("--fixed-step", type=int, default=2, help="stage2: sampler steps S to fine-tune for (2 or 5)")
     p.add_argument("--lpips-weight", type=float, default=0.5)
     p.add_argument("--bpp-weight", type=float, default=1.0)
@@ -78,13 +81,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=True)
     bars.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``train`` subcommand to an ``rdeic`` subparsers object."""
-    p = subparsers.add_parser("train", help="train one stage of the codec (vae, prior, stage1, stage2)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
     p.set_defaults(func=main_from_args)
     return p
 
@@ -111,21 +107,24 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    return run_reported("train", lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from rdeic_core.training import train
     from rdeic_core.training.data import DataError
 
     try:
         cfg = config_from_args(args)
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         with logging_redirect_tqdm():
             result = train(cfg)
     except (ValueError, DataError, FileNotFoundError, KeyError) as exc:
-        print(f"rdeic train: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        raise UsageError(str(exc)) from None
     except KeyboardInterrupt:
-        print("rdeic train: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        raise PlainError("interrupted; rerun the same command to resume from the last checkpoint",
+                         EXIT_INTERRUPTED) from None
     if result.model_dir is not None:
         last = result.history[-1] if result.history else {}
         terms = " ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()) if k.startswith("l_") or k == "loss")
@@ -136,13 +135,10 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.commands.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return main_from_args(args)
+    """``python -m jobs.commands.train ARGS`` (also torchrun's entry point): the same as ``rdeic train ARGS``."""
+    from ..cli import main as rdeic
+
+    return rdeic(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import hashlib
 import itertools
 import json
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -48,11 +47,13 @@ from pipeline.runner import archive_key
 from pipeline.shards import expand_inputs
 from pipeline.types import STATUS_OK, ShardRef
 
+from ..exits import EXIT_FAILED, EXIT_OK, UsageError, run_command
+from ..options import json_object
+
 HELP = 'reconcile an archive with its source shards: every key once, source hashes match'
 
 log = logging.getLogger(__name__)
 
-EXIT_CLEAN, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 PROBLEM_KINDS = ("missing", "duplicate", "unexpected", "hash_mismatch", "failed_without_reason",
                  "source_unreadable", "archive_unreadable")
 ROW_COLUMNS = ["key", "status", "reason", "src_member", "src_sha256"]
@@ -62,8 +63,8 @@ DEFAULT_MAX_LISTED = 50
 SHARD_ATTEMPTS = 3
 
 
-class VerifyUsageError(ValueError):
-    """The verification cannot start as asked (not an archive, sources naming nothing, ...)."""
+class VerifyUsageError(UsageError, ValueError):
+    """The verification cannot start as asked (not an archive, sources naming nothing, ...). Exit 2."""
 
 
 @dataclass(frozen=True)
@@ -196,18 +197,16 @@ def _compare(ref: ShardRef, rows: list[dict[str, Any]], done: bool, options: dic
 
 def _with_retries(what: str, fn: Any, *args: Any) -> Any:
     """``fn(*args)``, tried SHARD_ATTEMPTS times with backoff unless the file is missing."""
-    for attempt in range(1, SHARD_ATTEMPTS + 1):
+    for attempt in range(1, SHARD_ATTEMPTS):
         try:
             return fn(*args)
         except (FileNotFoundError, PermissionError):
             raise
         except Exception as exc:  # noqa: BLE001 - storage hiccup or a corrupt file: try again, then report
-            if attempt == SHARD_ATTEMPTS:
-                raise
             pause = storage.backoff_pause(attempt + 1)
             log.warning("verify: %s failed (%s: %s); again in %.1fs", what, type(exc).__name__, exc, pause)
             time.sleep(pause)
-    raise AssertionError("unreachable")
+    return fn(*args)  # the last attempt: what it raises is reported
 
 
 def _check_shard(ref: ShardRef, archive: ArchiveLocation, done: bool, options: dict[str, Any],
@@ -221,7 +220,7 @@ def _check_shard(ref: ShardRef, archive: ArchiveLocation, done: bool, options: d
         return result
     try:
         return _with_retries(f"source shard {ref.url}", _compare, ref, rows, done, options, max_member_bytes)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - reported as a problem
         result = _ShardResult(ref.shard_id)
         result.problems.append(Problem("source_unreadable", ref.shard_id, None, f"{ref.url}: {type(exc).__name__}: "
                                                                                  f"{exc}"))
@@ -300,7 +299,7 @@ def _extra_shard(archive: ArchiveLocation, shard_id: str, options: dict[str, Any
     result = _ShardResult(shard_id)
     try:
         rows = _archive_rows(archive, shard_id, options)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - reported as a problem
         result.problems.append(Problem("archive_unreadable", shard_id, None, f"{type(exc).__name__}: {exc}"))
         return result
     for key in _row_problems(shard_id, rows, result):
@@ -364,38 +363,29 @@ def format_report(report: VerifyReport) -> str:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .archive import _json_object
-
-    p = subparsers.add_parser("verify", help="reconcile an archive with its source shards (keys and hashes)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("verify", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("archive", metavar="ARCHIVE", help="archive prefix written by `rdeic archive`")
     p.add_argument("--source", action="append", required=True, metavar="PATTERN",
                    help="the source shards: brace pattern, glob, @list.txt or URL; repeatable")
-    p.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+    p.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
                    help="fsspec options for remote storage (archive and sources), JSON or @file.json")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the report as JSON")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="shards verified concurrently")
     p.add_argument("--max-listed", type=int, default=DEFAULT_MAX_LISTED, metavar="N",
                    help="problems listed per kind (all are counted)")
-    p.set_defaults(func=main_from_args)
+    p.set_defaults(func=lambda args: run_command("verify", lambda: run(args)))
     return p
 
 
-def main_from_args(args: argparse.Namespace) -> int:
-    from .restore import storage_options_for
-
+def run(args: argparse.Namespace) -> int:
     # the S3 endpoint from AWS_ENDPOINT_URL(_S3) when the options name none, like the other jobs
-    options = storage_options_for(args.source, args.archive, args.storage_options)
-    try:
-        if args.max_listed < 0:
-            raise VerifyUsageError(f"--max-listed must be >= 0, got {args.max_listed}")
-        report = verify_archive(args.archive, args.source, options, workers=args.workers,
-                                max_listed=args.max_listed)
-    except VerifyUsageError as exc:
-        print(f"rdeic verify: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    options = storage.with_env_endpoint([*args.source, args.archive], args.storage_options)
+    if args.max_listed < 0:
+        raise VerifyUsageError(f"--max-listed must be >= 0, got {args.max_listed}")
+    report = verify_archive(args.archive, args.source, options, workers=args.workers, max_listed=args.max_listed)
     print(format_report(report))
     if args.json_path:
         fs, path = storage.filesystem(args.json_path, options)
         storage.write_bytes_atomic(fs, path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
-    return EXIT_CLEAN if report.clean else EXIT_PROBLEMS
+    return EXIT_OK if report.clean else EXIT_FAILED

@@ -1,9 +1,9 @@
 """What every executor takes and returns, and the shared retry rule.
 
 Executors are generic over the unit of work: a plan names the per-shard function (``work``) and
-the model recipe (``factory``) that each worker loads once. The archive job uses
-``pipeline.runner.process_shard`` with an encoder; restore and audit pass their own functions
-(``pipeline.restore.restore_shard``, ``pipeline.audit.audit_shard``) with a decoder. Whatever the
+the model recipe (``factory``) that each worker loads once. Archive runs
+``pipeline.runner.process_shard`` with an encoder; restore and audit run
+``pipeline.restore.restore_shard`` and ``pipeline.audit.audit_shard`` with a decoder. Whatever the
 job, a work function writes its outputs and its done marker itself and returns the marker's stats.
 """
 
@@ -14,12 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..encoder import EncoderFactory
 from ..lease import LeaseLostError
 from ..manifest import Manifest, OutputLocation
 from ..progress import ProgressSink
-from ..runner import FatalShardError, ShardConfig, process_shard
 from ..types import ShardRef, ShardStats
+from .errors import FatalShardError
 
 
 class ShardWork(Protocol):
@@ -28,8 +27,14 @@ class ShardWork(Protocol):
     Must be a module-level function (it is pickled by reference to Ray workers).
     """
 
-    def __call__(self, shard: ShardRef, model: Any, out: OutputLocation, config: Any, *, attempt: int = 1,
+    def __call__(self, shard: ShardRef, model: Any, out: OutputLocation, config: Any, /, *, attempt: int = 1,
                  worker: str = "", progress: Callable[[int], None] | None = None) -> ShardStats: ...
+
+
+class ModelFactory(Protocol):
+    """Picklable recipe for a model, loaded once per worker (where the GPU is)."""
+
+    def load(self, device: str = "auto") -> Any: ...
 
 
 class ExecutorStartError(RuntimeError):
@@ -37,21 +42,20 @@ class ExecutorStartError(RuntimeError):
 
 
 @dataclass
-class ArchivePlan:
+class ShardPlan:
     """The pending shards of a run and everything a worker needs to process one.
 
-    ``work`` is the per-shard function (default: the archive's ``process_shard``); ``factory``
-    loads the model it is given; ``config`` is passed to it unchanged (it must carry
-    ``expected_fingerprint``, checked against every worker's model); ``kind`` names the job in
-    worker names and logs.
+    ``work`` is the per-shard function; ``factory`` loads the model it is given; ``config`` is
+    passed to it unchanged (it carries ``expected_fingerprint``, checked against every worker's
+    model); ``kind`` names the job in worker names and logs.
     """
 
     shards: list[ShardRef]
-    factory: EncoderFactory
+    factory: ModelFactory
     output: OutputLocation
-    config: ShardConfig
+    config: Any
+    work: ShardWork
     max_shard_retries: int = 2
-    work: ShardWork = process_shard
     kind: str = "archive"
 
     def __post_init__(self) -> None:
@@ -85,7 +89,7 @@ def describe(exc: BaseException) -> str:
 class RetryBook:
     """Counts attempts per shard and decides, with :func:`is_retryable`, whether to try again."""
 
-    def __init__(self, plan: ArchivePlan, progress: ProgressSink, result: RunResult) -> None:
+    def __init__(self, plan: ShardPlan, progress: ProgressSink, result: RunResult) -> None:
         self.plan, self.progress, self.result = plan, progress, result
         self.attempts: dict[str, int] = {}
         self.manifest = Manifest(plan.output)
@@ -113,7 +117,8 @@ class RetryBook:
         self.manifest.mark_failed(shard.shard_id, shard.url, error, attempts)
 
 
-def run_plan(executor: Any, plan: Any, progress: ProgressSink, config_error: Callable[[str], Exception]) -> RunResult:
+def run_plan(executor: Any, plan: ShardPlan, progress: ProgressSink,
+             config_error: Callable[[str], Exception]) -> RunResult:
     """Run ``plan`` on ``executor`` and close ``progress``, for every job alike.
 
     A fatal shard error (a worker that cannot start: bad model path, another model's fingerprint)

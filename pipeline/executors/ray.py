@@ -4,7 +4,7 @@ This is the only module that imports Ray, and only inside functions, so the rest
 (and every unit test) works without it.
 
 Design (shared/design/ecosystem.md §1.6): plain actors, not Ray Data. Each actor keeps the model
-resident and runs ``process_shard`` for one shard at a time, so at most ``num_actors`` shards are
+resident and runs the plan's work function for one shard at a time, so at most ``num_actors`` shards are
 in flight. The driver hands out shards and owns the retry policy:
 
 * an actor that dies (killed, OOM, node lost) is restarted by Ray (``max_restarts``) on any node
@@ -35,12 +35,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..encoder import EncoderFactory
 from ..manifest import OutputLocation
 from ..progress import ProgressSink
-from ..runner import FatalShardError, ShardConfig, is_retryable, process_shard
 from ..types import ShardRef, ShardStats
-from .base import ArchivePlan, ExecutorStartError, RetryBook, RunResult, ShardWork, describe
+from .base import ExecutorStartError, ModelFactory, RetryBook, RunResult, ShardPlan, ShardWork, describe
+from .errors import FatalShardError, is_retryable
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.actor import ActorHandle
@@ -72,8 +71,8 @@ class ShardWorker:
     restore/audit functions with a decoder; the model only needs ``fingerprint`` and ``device``.
     """
 
-    def __init__(self, factory: EncoderFactory, output: OutputLocation, config: ShardConfig, device: str,
-                 board_name: str, name: str, work: ShardWork = process_shard) -> None:
+    def __init__(self, factory: ModelFactory, output: OutputLocation, config: Any, device: str,
+                 board_name: str, name: str, work: ShardWork) -> None:
         # The board is passed by name: an actor handle among the constructor arguments would live in
         # the object store and can break restarts (ray-project/ray#53727).
         self.name, self.output, self.config, self.board_name, self.work = name, output, config, board_name, work
@@ -157,7 +156,7 @@ class RayExecutor:
     start_timeout_s: float = 900.0
     init_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def run(self, plan: ArchivePlan, progress: ProgressSink) -> RunResult:
+    def run(self, plan: ShardPlan, progress: ProgressSink) -> RunResult:
         import ray
 
         if not plan.shards:
@@ -186,11 +185,11 @@ class RayExecutor:
             n = int(resources.get("CPU", 1.0) // cpus)
         return max(1, min(n, n_shards)), cpus
 
-    def _start_actors(self, ray: Any, plan: ArchivePlan, token: str, board_name: str) -> list[_Slot]:
+    def _start_actors(self, ray: Any, plan: ShardPlan, token: str, board_name: str) -> list[_Slot]:
         use_gpus = self.use_gpus if self.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
         n, cpus = self._actor_shape(ray, use_gpus, len(plan.shards))
         worker_cls = ray.remote(ShardWorker)
-        options = {"num_cpus": cpus, "num_gpus": 1 if use_gpus else 0,
+        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1 if use_gpus else 0,
                    "max_restarts": self.max_actor_restarts, "max_task_retries": 0}
         if self.spread:
             options["scheduling_strategy"] = "SPREAD"
@@ -209,7 +208,7 @@ class RayExecutor:
             raise
         return slots
 
-    def _check_ready(self, ray: Any, plan: ArchivePlan, slots: list[_Slot], use_gpus: bool) -> None:
+    def _check_ready(self, ray: Any, plan: ShardPlan, slots: list[_Slot], use_gpus: bool) -> None:
         """Wait until every actor has loaded the model, and check it is the run's model."""
         try:
             infos = ray.get([s.handle.ready.remote() for s in slots], timeout=self.start_timeout_s)
@@ -231,7 +230,7 @@ class RayExecutor:
                      extra={"event": "worker_ready", "worker": info["name"], "node": slot.node})
 
     # ------------------------------------------------------------------ driver loop
-    def _run(self, ray: Any, plan: ArchivePlan, progress: ProgressSink) -> RunResult:
+    def _run(self, ray: Any, plan: ShardPlan, progress: ProgressSink) -> RunResult:
         result = RunResult()
         book = RetryBook(plan, progress, result)
         token = uuid.uuid4().hex[:8]
