@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from jobs.local_s3 import LocalS3, local_s3  # noqa: E402
+from demo.local_s3 import LocalS3, local_s3  # noqa: E402
 from tools import photos as photos_tool  # noqa: E402
 
 PHOTOS_DIR_ENV = "RDEIC_PHOTOS_DIR"

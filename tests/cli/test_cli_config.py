@@ -153,10 +153,10 @@ def test_schema_fields_are_the_commands_long_flags(kind: str) -> None:
     """Keys = flags with '_': every schema field is an option of the real command and vice versa
     (except the options cli.py adds and --help)."""
     try:
-        importlib.import_module(f"jobs.{kind}")
+        importlib.import_module(f"jobs.commands.{kind}")
     except ModuleNotFoundError as exc:
-        if exc.name == f"jobs.{kind}":
-            pytest.skip(f"jobs/{kind}.py is not in this checkout yet")
+        if exc.name == f"jobs.commands.{kind}":
+            pytest.skip(f"jobs/commands/{kind}.py is not in this checkout yet")
         raise
     fields = {f.name for f in dataclasses.fields(cfg.SCHEMAS[kind])}
     options = _options(kind) - {"help", "config", "print_config"}

@@ -33,7 +33,8 @@ SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCY"
     ("GET /b/k?X-Amz-Signature=abcd&X-Amz-Credential=AK%2F2020&x=1",
      "GET /b/k?X-Amz-Signature=***&X-Amz-Credential=***&x=1"),
     # ordinary words that merely contain "key" or "session" stay
-    ("failed_keys: 3, keys=5, monkey=1, session_dir=/tmp/ray", "failed_keys: 3, keys=5, monkey=1, session_dir=/tmp/ray"),
+    ("failed_keys: 3, keys=5, monkey=1, session_dir=/tmp/ray",
+     "failed_keys: 3, keys=5, monkey=1, session_dir=/tmp/ray"),
 ])
 def test_redact_text_patterns(text: str, expected: str) -> None:
     assert redact_text(text, secrets=[]) == expected

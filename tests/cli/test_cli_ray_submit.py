@@ -139,7 +139,7 @@ class _ignore_gone:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
+    def __exit__(self, exc_type, exc, tb) -> bool:
         return exc_type in (ProcessLookupError, PermissionError)
 
 

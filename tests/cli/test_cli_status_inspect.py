@@ -59,7 +59,7 @@ def _markers(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((out / "_manifest/done").glob("*.json"))}
 
 
-def _table(out: Path):  # noqa: ANN202 - pyarrow.Table
+def _table(out: Path):
     return pq.read_table(sorted((out / "archive").glob("*.parquet")))
 
 
@@ -196,7 +196,7 @@ def test_inspect_refuses_what_is_not_an_archive(tmp_path: Path, capsys: pytest.C
 
 
 @pytest.mark.s3
-def test_status_and_inspect_read_s3(archived: Archived, s3_server, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_status_and_inspect_read_s3(archived: Archived, s3_server, capsys: pytest.CaptureFixture[str]) -> None:
     fs = s3_server.make_bucket("cli-status")
     fs.put(str(archived.out), "cli-status/out", recursive=True)
     options = json.dumps(s3_server.storage_options)

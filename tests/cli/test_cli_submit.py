@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import submit as sb
 from jobs.cli import main, resolve_args
+from jobs.commands import submit as sb
 from jobs.config import DEFAULT_PASS_ENV, ConfigError, load_spec
 from tests.cli.conftest import REPO_ROOT, write_spec
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from jobs.cli import SUBCOMMANDS, resolve_args
-from jobs.config import parse_spec
 from jobs.commands.submit import read_constraints
+from jobs.config import parse_spec
 from tests.cli.conftest import REPO_ROOT
 
 INFRA = REPO_ROOT / "infra"

@@ -16,7 +16,7 @@ from tests.faults.flaky_proxy import FlakyS3Proxy
 
 
 @pytest.fixture
-def flaky_s3(s3_server) -> Iterator[Callable[..., FlakyS3Proxy]]:  # noqa: ANN001
+def flaky_s3(s3_server) -> Iterator[Callable[..., FlakyS3Proxy]]:
     """Start a :class:`FlakyS3Proxy` in front of moto: ``flaky_s3(rate=0.05, seed=0, ...)``; stopped after the test."""
     proxies: list[FlakyS3Proxy] = []
 

@@ -288,13 +288,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     timeout = 60  # idle keep-alive connections are dropped after this
     proxy: FlakyS3Proxy
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle()
 
-    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET  # noqa: N815
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
 
     # ------------------------------------------------------------------ one request
     def _handle(self) -> None:

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.commands.restore import RestoreJob, run_restore
 from jobs.commands.verify import verify_archive
 from tests.faults.flaky_proxy import RANDOM_KINDS
@@ -39,7 +39,7 @@ SEED = 5  # 5 random faults in the first 60 requests, 11 in the first 120 (one R
 
 def test_archive_and_restore_through_a_flaky_store_lose_nothing(
         s3_server, ray_address, flaky_s3, small_photo_paths, tiny_model_dir, tmp_path,
-        capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+        capsys: pytest.CaptureFixture[str]) -> None:
     from rdeic_core import RDEICCodec
 
     specs = build_shard_specs(small_photo_paths, n_shards=8, photos_per_shard=2)

@@ -16,7 +16,7 @@ BUCKET = "flaky-store"
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server) -> str:  # noqa: ANN001
+def bucket(s3_server) -> str:
     s3_server.make_bucket(BUCKET)
     return BUCKET
 
@@ -35,7 +35,7 @@ def test_requests_are_classified_by_operation() -> None:
     assert classify("POST", "/b", "delete") == "DELETE_MANY"
 
 
-def test_without_faults_the_proxy_is_transparent(flaky_s3, bucket: str) -> None:  # noqa: ANN001
+def test_without_faults_the_proxy_is_transparent(flaky_s3, bucket: str) -> None:
     proxy = flaky_s3(rate=0.0)
     fs = _fs(proxy)
     payload = bytes(range(256)) * 100
@@ -55,7 +55,7 @@ def test_without_faults_the_proxy_is_transparent(flaky_s3, bucket: str) -> None:
 
 
 @pytest.mark.slow
-def test_storage_helpers_survive_a_30_percent_fault_rate(flaky_s3, s3_server, bucket: str) -> None:  # noqa: ANN001
+def test_storage_helpers_survive_a_30_percent_fault_rate(flaky_s3, s3_server, bucket: str) -> None:
     """Atomic writes (one PUT and multipart), verified reads, listings and deletes: every kind of
     fault on every kind of request, and the store ends up exactly as written."""
     proxy = flaky_s3(rate=0.3, seed=3, slow_seconds=(0.05, 0.2))
@@ -85,5 +85,6 @@ def test_storage_helpers_survive_a_30_percent_fault_rate(flaky_s3, s3_server, bu
     summary = proxy.summary()
     print(f"\nflaky store at 30%: {summary}")
     assert all(summary["faults_by_kind"].get(k, 0) > 0 for k in RANDOM_KINDS), summary
-    assert {"GET", "HEAD", "PUT", "PART", "MPU_CREATE", "MPU_COMPLETE", "LIST", "DELETE"} <= set(summary["faults_by_op"])
+    ops = {"GET", "HEAD", "PUT", "PART", "MPU_CREATE", "MPU_COMPLETE", "LIST", "DELETE"}
+    assert ops <= set(summary["faults_by_op"])
     assert summary["faults"] - summary["forced"] > 0

@@ -122,7 +122,7 @@ def _json(line: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def env(s3_server) -> dict[str, str]:  # noqa: ANN001 - the AWS test environment is set first
+def env(s3_server) -> dict[str, str]:
     return os.environ | {"AWS_ENDPOINT_URL": s3_server.endpoint, "RAY_AUTH_MODE": "disabled",
                          "PYTHONPATH": str(REPO_ROOT)}
 
@@ -150,7 +150,7 @@ def two_nodes(env: dict[str, str]) -> Iterator[Callable[..., tuple[Process, dict
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _shards(s3_server, prefix: str, n: int, small_photo_paths: list[Path]) -> tuple[str, set[str]]:  # noqa: ANN001
+def _shards(s3_server, prefix: str, n: int, small_photo_paths: list[Path]) -> tuple[str, set[str]]:
     specs = build_shard_specs(small_photo_paths, n_shards=n, photos_per_shard=2)
     fs = s3_server.filesystem()
     if not fs.exists(BUCKET):
@@ -190,7 +190,7 @@ def _kill_worker_node_mid_shard(driver: Process, cluster: Process, nodes: dict[s
     return victim
 
 
-def _check_exactly_once(s3_server, out: str, sources: str, expected: set[str]) -> None:  # noqa: ANN001
+def _check_exactly_once(s3_server, out: str, sources: str, expected: set[str]) -> None:
     report = verify_archive(out, [sources], s3_server.storage_options)
     assert report.clean, report.problems
     assert report.count("missing") == report.count("duplicate") == report.count("unexpected") == 0
@@ -199,7 +199,7 @@ def _check_exactly_once(s3_server, out: str, sources: str, expected: set[str]) -
     assert report.shards_not_done == [] and report.leftover_files == []
 
 
-def test_archive_survives_a_lost_node(s3_server, env, two_nodes, small_photo_paths,  # noqa: ANN001
+def test_archive_survives_a_lost_node(s3_server, env, two_nodes, small_photo_paths,
                                       tiny_model_dir) -> None:
     t0 = time.monotonic()
     n = 8
@@ -236,7 +236,7 @@ def test_archive_survives_a_lost_node(s3_server, env, two_nodes, small_photo_pat
           f"{lost_shard} redone, lost actor back on the head before the end: {bool(back)}")
 
 
-def test_no_room_to_restart_fails_the_rest_then_a_rerun_completes(s3_server, env, two_nodes,  # noqa: ANN001
+def test_no_room_to_restart_fails_the_rest_then_a_rerun_completes(s3_server, env, two_nodes,
                                                                    small_photo_paths, tiny_model_dir) -> None:
     n = 6
     cluster, nodes = two_nodes(head_cpus=0)  # the only CPU is on the worker node

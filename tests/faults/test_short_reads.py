@@ -25,7 +25,7 @@ BUCKET = "short-reads"
 
 
 @pytest.fixture(scope="module")
-def shard(s3_server, small_photo_paths) -> tuple[str, bytes, list[str]]:  # noqa: ANN001
+def shard(s3_server, small_photo_paths) -> tuple[str, bytes, list[str]]:
     """One shard of 4 real photos (+ side members) stored in moto: (bucket path, tar bytes, sample keys)."""
     spec = build_shard_specs(small_photo_paths, n_shards=1, photos_per_shard=4, with_hostile=False)[0]
     fs = s3_server.make_bucket(BUCKET)
@@ -54,7 +54,7 @@ def _read(url: str, options: dict) -> tuple[list, ShardReader]:
     {"GET": ["empty", "empty"]},  # GETs answered with no bytes (consistently framed)
     {"HEAD": ["head_zero"], "GET": ["empty", "short", "empty"]},
 ], ids=["head-zero", "head-half", "empty-gets", "all"])
-def test_a_short_read_is_retried_not_recorded_as_damage(flaky_s3, shard, faults: dict) -> None:  # noqa: ANN001
+def test_a_short_read_is_retried_not_recorded_as_damage(flaky_s3, shard, faults: dict) -> None:
     path, data, keys = shard
     proxy = flaky_s3(rate=0.0)
     for method, kinds in faults.items():
@@ -68,7 +68,7 @@ def test_a_short_read_is_retried_not_recorded_as_damage(flaky_s3, shard, faults:
 
 
 def test_without_the_size_check_the_same_fault_looks_like_damage(flaky_s3, shard,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The control: a stream that trusts the first HEAD records the shard as damaged with no samples."""
     import pipeline.reader as reader_module
 
@@ -80,7 +80,7 @@ def test_without_the_size_check_the_same_fault_looks_like_damage(flaky_s3, shard
     assert samples == [] and reader.damage is not None and "not a readable tar" in reader.damage.message
 
 
-def test_a_really_truncated_object_is_still_damage(flaky_s3, s3_server, shard) -> None:  # noqa: ANN001
+def test_a_really_truncated_object_is_still_damage(flaky_s3, s3_server, shard) -> None:
     path, data, keys = shard
     offset, size = member_data_offset(data, f"{keys[2]}.png")
     cut = f"{BUCKET}/src/cut.tar"
@@ -92,7 +92,7 @@ def test_a_really_truncated_object_is_still_damage(flaky_s3, s3_server, shard) -
     assert reader.bytes_read == offset + size // 2
 
 
-def test_library_retries_first_then_ours_resume_at_the_failed_offset(flaky_s3, shard) -> None:  # noqa: ANN001
+def test_library_retries_first_then_ours_resume_at_the_failed_offset(flaky_s3, shard) -> None:
     """Six cut-off bodies in a row outlast s3fs's five reads of a body; the stream then reopens the
     object at the byte where it stopped and the shard still reads whole."""
     path, data, keys = shard
@@ -104,7 +104,7 @@ def test_library_retries_first_then_ours_resume_at_the_failed_offset(flaky_s3, s
     assert _members(samples) == _members_of(data) and reader.read_recoveries == 1
 
 
-def test_a_read_that_stays_short_fails_the_attempt_as_a_storage_error(flaky_s3, shard, fast_backoff) -> None:  # noqa: ANN001
+def test_a_read_that_stays_short_fails_the_attempt_as_a_storage_error(flaky_s3, shard, fast_backoff) -> None:
     path, _, _ = shard
     proxy = flaky_s3(rate=0.0)
     proxy.force(["empty"] * 20, method="GET", path_contains="/src/")
@@ -114,7 +114,7 @@ def test_a_read_that_stays_short_fails_the_attempt_as_a_storage_error(flaky_s3, 
     assert reader.damage is None  # a storage error, not damage: the executor retries the shard
 
 
-def test_read_bytes_checks_the_length_against_the_store(flaky_s3, s3_server, fast_backoff) -> None:  # noqa: ANN001
+def test_read_bytes_checks_the_length_against_the_store(flaky_s3, s3_server, fast_backoff) -> None:
     s3_server.filesystem().pipe(f"{BUCKET}/small.json", b'{"a": 1, "padding": "' + b"x" * 300 + b'"}')
     proxy = flaky_s3(rate=0.0)
     fs, p = storage.filesystem(f"s3://{BUCKET}/small.json", proxy.storage_options)
@@ -129,7 +129,7 @@ def test_read_bytes_checks_the_length_against_the_store(flaky_s3, s3_server, fas
 
 @pytest.mark.slow
 def test_archive_of_a_shard_read_short_is_whole_and_verifies(flaky_s3, s3_server, shard, tiny_model_dir,
-                                                            tmp_path) -> None:  # noqa: ANN001
+                                                            tmp_path) -> None:
     """The job end to end: the shard's HEAD says 0 bytes once and its first GETs come back short."""
     path, _, keys = shard
     proxy = flaky_s3(rate=0.0)
@@ -142,7 +142,8 @@ def test_archive_of_a_shard_read_short_is_whole_and_verifies(flaky_s3, s3_server
     assert outcome.exit_code == 0, outcome.summary
     assert proxy.pending_forced() == 0 and proxy.counts == {"head_zero": 1, "empty": 1, "short": 1}
     assert outcome.summary["shards"]["damaged"] == 0 and outcome.summary["images"]["ok"] == len(keys)
-    marker = json.loads(s3_server.filesystem().cat(f"{BUCKET}/archive-short/_manifest/done/{path.rsplit('/', 1)[1][:-4]}.json"))
+    shard_name = path.rsplit("/", 1)[1][:-4]
+    marker = json.loads(s3_server.filesystem().cat(f"{BUCKET}/archive-short/_manifest/done/{shard_name}.json"))
     assert marker["damage"] is None and marker["extra"]["read_recoveries"] >= 1
     report = verify_archive(out, [f"s3://{path}"], s3_server.storage_options)
     assert report.clean, report.problems

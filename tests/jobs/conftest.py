@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from tests.pipeline.conftest import shard_specs  # noqa: F401 - re-exported fixture
+from tests.pipeline.conftest import shard_specs as shard_specs  # the fixture, re-exported for tests/jobs

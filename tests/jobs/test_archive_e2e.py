@@ -29,7 +29,7 @@ PATTERN = f"s3://{BUCKET}/shards/shard-{{000000..000003}}.tar"
 
 
 @pytest.fixture(scope="module")
-def e2e_shards(s3_server, small_photo_paths) -> dict[str, Expect]:  # noqa: ANN001
+def e2e_shards(s3_server, small_photo_paths) -> dict[str, Expect]:
     """Three shards of 6 real photos + every hostile sample, and a 4th shard truncated in storage
     in the middle of its 3rd photo. Returns the expected outcome of every archive key."""
     specs = build_shard_specs(small_photo_paths, n_shards=3, photos_per_shard=6)
@@ -49,7 +49,7 @@ def e2e_shards(s3_server, small_photo_paths) -> dict[str, Expect]:  # noqa: ANN0
     return expected
 
 
-def _read_archive(s3_server, prefix: str) -> pa.Table:  # noqa: ANN001
+def _read_archive(s3_server, prefix: str) -> pa.Table:
     fs = s3_server.filesystem()
     return ds.dataset(f"{BUCKET}/{prefix}/archive", format="parquet", filesystem=fs).to_table()
 
@@ -80,13 +80,13 @@ class KillOneActorMidShard(NullProgress):
             ray.kill(ray.get_actor(worker), no_restart=False)  # Ray restarts it; the shard must be redone
             self.killed = (shard_id, worker)
 
-    def shard_done(self, stats) -> None:  # noqa: ANN001
+    def shard_done(self, stats) -> None:
         self.done.add(stats.shard_id)
         super().shard_done(stats)
 
 
 def test_ray_archive_on_s3_survives_an_actor_killed_mid_shard(s3_server, ray_address, e2e_shards, tiny_model_dir,
-                                                               caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="pipeline.executors.ray")
     job = ArchiveJob(inputs=(PATTERN,), output=f"s3://{BUCKET}/out-kill", model=str(tiny_model_dir),
                      executor="ray", num_actors=2, storage_options=s3_server.storage_options,
@@ -115,7 +115,7 @@ def test_ray_archive_on_s3_survives_an_actor_killed_mid_shard(s3_server, ray_add
 
 
 def test_archive_reads_back_with_pyarrow_and_duckdb_with_documented_schema(s3_server, ray_address, e2e_shards,
-                                                                             tiny_model_dir) -> None:  # noqa: ANN001
+                                                                             tiny_model_dir) -> None:
     """Reads what the previous test wrote (or writes it if run alone)."""
     import duckdb
 
@@ -179,7 +179,7 @@ def _wait_for_actors_gone(prefix: str, timeout: float = 60) -> None:
 
 
 def test_driver_killed_mid_job_then_rerun_does_only_the_missing_shards(s3_server, ray_address, e2e_shards,
-                                                                         tiny_model_dir) -> None:  # noqa: ANN001
+                                                                         tiny_model_dir) -> None:
     """The CLI in a subprocess, S3 endpoint from AWS_ENDPOINT_URL only, joined to the test's Ray."""
     fs = s3_server.filesystem()
     out = f"s3://{BUCKET}/out-resume"
@@ -218,7 +218,7 @@ def test_driver_killed_mid_job_then_rerun_does_only_the_missing_shards(s3_server
     assert again.returncode == 0 and "(0 this run, 4 before)" in again.stdout, again.stdout + again.stderr
 
 
-def test_actor_shape_follows_the_cluster(ray_address) -> None:  # noqa: ANN001
+def test_actor_shape_follows_the_cluster(ray_address) -> None:
     import ray
 
     from pipeline.executors.ray import RayExecutor
@@ -232,7 +232,7 @@ def test_actor_shape_follows_the_cluster(ray_address) -> None:  # noqa: ANN001
 
 
 def test_cpu_actors_when_gpus_are_not_used(tmp_path: Path, ray_address, shard_specs, tiny_model_dir,
-                                           caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+                                           caplog: pytest.LogCaptureFixture) -> None:
     from pipeline.executors.ray import RayExecutor
 
     spec = shard_specs[0]
@@ -246,7 +246,7 @@ def test_cpu_actors_when_gpus_are_not_used(tmp_path: Path, ray_address, shard_sp
 
 
 def test_a_worker_that_cannot_start_fails_the_run_before_any_shard(tmp_path: Path, ray_address, shard_specs,
-                                                                    tiny_model_dir) -> None:  # noqa: ANN001
+                                                                    tiny_model_dir) -> None:
     import torch
 
     from pipeline.executors.base import ExecutorStartError

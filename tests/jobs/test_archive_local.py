@@ -8,14 +8,14 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
-from pipeline.manifest import Manifest, OutputConflictError, OutputLocation
+from jobs.commands.archive import ArchiveJob, run_archive
+from pipeline.manifest import RUN_FILE, Manifest, OutputConflictError, OutputLocation
 from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, build_shard_specs
 
 
 @pytest.fixture(scope="module")
-def small_specs(small_photo_paths) -> list[ShardSpec]:  # noqa: ANN001
+def small_specs(small_photo_paths) -> list[ShardSpec]:
     return build_shard_specs(small_photo_paths, n_shards=3, photos_per_shard=2)
 
 
@@ -36,7 +36,7 @@ def _mtimes(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in files}
 
 
-def _keys(out: str, filesystem=None) -> list[str]:  # noqa: ANN001
+def _keys(out: str, filesystem=None) -> list[str]:
     return ds.dataset(f"{out}/archive", format="parquet", filesystem=filesystem).to_table(columns=["key"]) \
         .column("key").to_pylist()
 
@@ -46,7 +46,7 @@ def _expected_keys(specs: list[ShardSpec]) -> list[str]:
 
 
 def test_rerun_skips_done_shards_and_redoes_missing_or_half_written_ones(tmp_path: Path, small_specs, tiny_model_dir,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     pattern, out = _write_inputs(tmp_path, small_specs), tmp_path / "out"
     assert main(_argv(pattern, str(out), tiny_model_dir)) == 0
     first = _mtimes(out)
@@ -74,7 +74,7 @@ def test_rerun_skips_done_shards_and_redoes_missing_or_half_written_ones(tmp_pat
 
 
 def test_an_output_written_by_another_codec_is_refused(tmp_path: Path, small_specs, tiny_model_dir, other_model_dir,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     pattern, out = _write_inputs(tmp_path, small_specs[:1]), tmp_path / "out"
     pattern = pattern.replace("{000000..000002}", "000000")
     assert main(_argv(pattern, str(out), tiny_model_dir)) == 0
@@ -88,18 +88,18 @@ def test_an_output_written_by_another_codec_is_refused(tmp_path: Path, small_spe
     assert _mtimes(out) == before
 
 
-def test_done_markers_without_run_file_are_refused(tmp_path: Path, small_specs, tiny_model_dir) -> None:  # noqa: ANN001
+def test_done_markers_without_run_file_are_refused(tmp_path: Path, small_specs, tiny_model_dir) -> None:
     pattern, out = _write_inputs(tmp_path, small_specs[:1]), tmp_path / "out"
     job = ArchiveJob(inputs=(pattern.replace("{000000..000002}", "000000"),), output=str(out),
                      model=str(tiny_model_dir), executor="local", max_pixels=TEST_MAX_PIXELS)
     run_archive(job)
     (out / "run.json").unlink()
     with pytest.raises(OutputConflictError, match="no run.json"):
-        Manifest(OutputLocation(str(out))).ensure_run(None, {})  # type: ignore[arg-type]
+        Manifest(OutputLocation(str(out))).claim(RUN_FILE, dict, lambda run: None)
 
 
 def test_missing_shard_fails_the_run_and_a_rerun_completes_it(tmp_path: Path, small_specs, tiny_model_dir,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     pattern, out = _write_inputs(tmp_path, small_specs[:2]), tmp_path / "out"
     assert main(_argv(pattern, str(out), tiny_model_dir)) == 1
     text = capsys.readouterr().out
@@ -121,14 +121,14 @@ def test_missing_shard_fails_the_run_and_a_rerun_completes_it(tmp_path: Path, sm
     ],
 )
 def test_bad_arguments_exit_2(tmp_path: Path, tiny_model_dir, extra: list[str], message: str,
-                              capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                              capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(_argv(str(tmp_path / "x.tar"), str(tmp_path / "out"), tiny_model_dir, *extra))
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_config_errors_exit_2_before_any_work(tmp_path: Path, tiny_model_dir,
-                                              capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_argv(str(tmp_path / "*.tar"), str(tmp_path / "out"), tiny_model_dir)) == 2
     assert "matches no files" in capsys.readouterr().err
     assert main(_argv(str(tmp_path / "a.tar"), str(tmp_path / "out"), tmp_path / "no-model")) == 2
@@ -138,7 +138,7 @@ def test_config_errors_exit_2_before_any_work(tmp_path: Path, tiny_model_dir,
 
 @pytest.mark.s3
 def test_s3_endpoint_from_environment_or_storage_options(s3_server, small_specs, tiny_model_dir,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     fs = s3_server.make_bucket("local-exec")
     for spec in small_specs[:2]:
         fs.pipe(f"local-exec/in/{spec.name}.tar", spec.tar_bytes())
@@ -157,7 +157,7 @@ def test_s3_endpoint_from_environment_or_storage_options(s3_server, small_specs,
 
 
 def test_a_worker_that_cannot_load_the_model_exits_1(tmp_path: Path, small_specs, tiny_model_dir,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     if torch.cuda.is_available():

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from jobs.commands.restore import RDEICDecoder
+from jobs.codec import RDEICDecoder
 from pipeline.restore import DEFAULT_MAX_PENDING_PIXELS, RestoreConfig
 from rdeic_core import RDEICCodec
 

@@ -23,10 +23,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.commands.verify import verify_archive
 from pipeline import images as images_mod
+from pipeline.executors.errors import FatalShardError, is_retryable
 from pipeline.executors.local import LocalExecutor
 from pipeline.failures import (
     PERMANENT,
@@ -38,7 +39,6 @@ from pipeline.failures import (
 from pipeline.images import SampleFailure, decode_image
 from pipeline.lease import LeaseLostError
 from pipeline.reader import StorageReadError
-from pipeline.runner import FatalShardError, is_retryable
 from pipeline.types import REASONS
 from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, build_shard_specs
 
@@ -83,10 +83,10 @@ def test_shard_errors_are_retried_unless_permanent_or_fatal(exc: BaseException, 
     assert shard_error_class(exc) == expected and is_retryable(exc) == retryable
 
 
-def test_out_of_memory_while_decoding_an_image_is_transient(small_photo_paths, monkeypatch) -> None:  # noqa: ANN001
+def test_out_of_memory_while_decoding_an_image_is_transient(small_photo_paths, monkeypatch) -> None:
     data = small_photo_paths[0].read_bytes()
 
-    def no_room(img):  # noqa: ANN001, ANN202
+    def no_room(img):
         raise MemoryError("cannot allocate the RGB buffer")
 
     monkeypatch.setattr(images_mod, "to_rgb_uint8", no_room)
@@ -111,7 +111,7 @@ class _RefusingEncoder:
         self.inner, self.errors = inner, errors
         self.fingerprint, self.device = inner.fingerprint, inner.device
 
-    def encode(self, images):  # noqa: ANN001, ANN201
+    def encode(self, images):
         for im in images:
             make = self.errors.get(_digest(im))
             if make is not None:
@@ -133,7 +133,7 @@ class _InjectingExecutor:
     def __init__(self, errors: dict[str, Callable[[], Exception]]) -> None:
         self.errors = errors
 
-    def run(self, plan, progress):  # noqa: ANN001, ANN201
+    def run(self, plan, progress):
         plan.factory = _Factory(plan.factory, self.errors)
         return LocalExecutor(device="cpu").run(plan, progress)
 
@@ -159,13 +159,13 @@ def _etags(fs: Any, prefix: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def specs(small_photo_paths) -> list[ShardSpec]:  # noqa: ANN001
+def specs(small_photo_paths) -> list[ShardSpec]:
     return build_shard_specs(small_photo_paths, n_shards=3, photos_per_shard=2)
 
 
 @pytest.mark.s3
 def test_retry_failed_redoes_only_transient_rows_and_keeps_every_key_once(
-        s3_server, specs, tiny_model_dir, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+        s3_server, specs, tiny_model_dir, capsys: pytest.CaptureFixture[str]) -> None:
     fs = s3_server.make_bucket(BUCKET)
     for spec in specs:
         fs.pipe(f"{BUCKET}/src/{spec.name}.tar", spec.tar_bytes())
@@ -242,7 +242,7 @@ def test_retry_failed_redoes_only_transient_rows_and_keeps_every_key_once(
 
 
 def test_a_row_whose_source_changed_is_kept_as_it_was(tmp_path: Path, specs, tiny_model_dir,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     spec = specs[0]
     (tmp_path / "in").mkdir()
     src = tmp_path / "in" / f"{spec.name}.tar"

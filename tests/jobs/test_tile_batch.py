@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from jobs.cli import main, resolve_args
+from jobs.codec import RDEICDecoderFactory, RDEICEncoderFactory, apply_tile_batch
 from jobs.commands.archive import ArchiveConfigError, ArchiveJob
 from jobs.commands.audit import AuditConfigError, AuditJob
-from jobs.cli import main, resolve_args
-from jobs.codec import RDEICEncoderFactory, apply_tile_batch
 from jobs.commands.encode import load_codec
 from jobs.commands.get import GetJob, run_get
-from jobs.commands.restore import RDEICDecoderFactory, RestoreConfigError, RestoreJob
+from jobs.commands.restore import RestoreConfigError, RestoreJob
 from rdeic_core.tiling import TileConfig
 from tests.cli.conftest import write_spec
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs

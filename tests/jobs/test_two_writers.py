@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from jobs.commands.archive import EXIT_LEASE, ArchiveJob, run_archive
 from jobs.cli import main
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.commands.verify import verify_archive
+from jobs.exits import EXIT_LEASE
 from pipeline import lease as lease_mod
 from pipeline.executors.local import LocalExecutor
 from pipeline.lease import (
@@ -45,7 +46,7 @@ BUCKET = "two-writers"
 
 
 @pytest.fixture(scope="module")
-def specs(small_photo_paths) -> list[ShardSpec]:  # noqa: ANN001
+def specs(small_photo_paths) -> list[ShardSpec]:
     return build_shard_specs(small_photo_paths, n_shards=3, photos_per_shard=2)
 
 
@@ -67,7 +68,7 @@ class _GatedExecutor:
     def __init__(self, go: threading.Event) -> None:
         self.go = go
 
-    def run(self, plan, progress):  # noqa: ANN001, ANN201
+    def run(self, plan, progress):
         assert self.go.wait(120), "the test never opened the gate"
         return LocalExecutor(device="cpu").run(plan, progress)
 
@@ -89,7 +90,7 @@ def _foreign_lease(out: OutputLocation, expires_in: float, **fields: Any) -> dic
 # ------------------------------------------------------------------------------------ whole jobs
 @pytest.mark.s3
 def test_two_archive_jobs_at_once_one_is_refused_and_every_key_is_archived_once(
-        s3_server, specs, tiny_model_dir, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+        s3_server, specs, tiny_model_dir, capsys: pytest.CaptureFixture[str]) -> None:
     fs = s3_server.make_bucket(BUCKET)
     for spec in specs:
         fs.pipe(f"{BUCKET}/src/{spec.name}.tar", spec.tar_bytes())
@@ -147,7 +148,7 @@ def test_two_archive_jobs_at_once_one_is_refused_and_every_key_is_archived_once(
 
 
 def test_an_expired_lease_of_a_dead_job_is_taken_over(tmp_path: Path, specs, tiny_model_dir,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     pattern, out = _local_inputs(tmp_path, specs[:1]), tmp_path / "out"
     stale = _foreign_lease(OutputLocation(str(out)), expires_in=-30)
     assert main(_argv(pattern, str(out), tiny_model_dir)) == 0
@@ -159,7 +160,7 @@ def test_an_expired_lease_of_a_dead_job_is_taken_over(tmp_path: Path, specs, tin
 
 
 def test_the_lease_of_a_process_gone_from_this_machine_is_taken_over(
-        tmp_path: Path, specs, tiny_model_dir, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+        tmp_path: Path, specs, tiny_model_dir, capsys: pytest.CaptureFixture[str]) -> None:
     """A driver killed with SIGKILL leaves an unexpired lease; on the same machine the rerun sees its
     process is gone and goes ahead at once (tests/jobs/test_archive_e2e.py relies on it)."""
     pattern, out = _local_inputs(tmp_path, specs[:1]), tmp_path / "out"
@@ -171,7 +172,7 @@ def test_the_lease_of_a_process_gone_from_this_machine_is_taken_over(
 
 
 def test_a_live_lease_is_only_broken_with_break_lease(tmp_path: Path, specs, tiny_model_dir,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     pattern, out = _local_inputs(tmp_path, specs[:1]), tmp_path / "out"
     live = _foreign_lease(OutputLocation(str(out)), expires_in=3600)
     assert main(_argv(pattern, str(out), tiny_model_dir)) == EXIT_LEASE
@@ -193,14 +194,14 @@ class _Intruder(NullProgress):
     def __init__(self, out: OutputLocation) -> None:
         self.out, self.lease = out, None
 
-    def shard_done(self, stats) -> None:  # noqa: ANN001
+    def shard_done(self, stats) -> None:
         if self.lease is None:
             self.lease = OutputLease(OutputLocation(self.out.url), "archive", "intruder", break_lease=True)
             self.lease.acquire()
 
 
 def test_a_job_whose_lease_is_taken_stops_before_its_next_write(tmp_path: Path, specs,
-                                                                tiny_model_dir) -> None:  # noqa: ANN001
+                                                                tiny_model_dir) -> None:
     pattern, out = _local_inputs(tmp_path, specs), tmp_path / "out"
     job = ArchiveJob(inputs=(pattern,), output=str(out), model=str(tiny_model_dir), executor="local",
                      max_pixels=TEST_MAX_PIXELS, batch_size=4, device="cpu")
@@ -226,7 +227,7 @@ def _race(make: Any, n: int = 6) -> tuple[list[OutputLease], list[BaseException]
         try:
             lease.acquire()
             won.append(lease)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - every loser's error is what the test looks at
             lost.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -238,7 +239,7 @@ def _race(make: Any, n: int = 6) -> tuple[list[OutputLease], list[BaseException]
 
 
 @pytest.mark.parametrize("mode", ["conditional-put", "local-lock", "read-back"])
-def test_one_winner_among_simultaneous_acquirers(mode: str, tmp_path: Path, s3_server) -> None:  # noqa: ANN001
+def test_one_winner_among_simultaneous_acquirers(mode: str, tmp_path: Path, s3_server) -> None:
     if mode == "conditional-put":
         s3_server.make_bucket("lease-race")
         url, options = "s3://lease-race/out", s3_server.storage_options
@@ -293,7 +294,7 @@ class _LostAnswers:
     def __init__(self, inner: Any) -> None:
         self.inner, self.mode = inner, inner.mode
 
-    def read(self):  # noqa: ANN201
+    def read(self):
         return self.inner.read()
 
     def create(self, data: bytes, verify: bool = True) -> None:
@@ -313,15 +314,15 @@ def test_a_lost_acknowledgement_is_recognised_as_our_own_write(tmp_path: Path) -
 
 
 @pytest.mark.s3
-def test_a_store_that_ignores_conditional_headers_falls_back_to_read_back(s3_server,  # noqa: ANN001
-                                                                          monkeypatch) -> None:  # noqa: ANN001
+def test_a_store_that_ignores_conditional_headers_falls_back_to_read_back(s3_server,
+                                                                          monkeypatch) -> None:
     s3_server.make_bucket("no-cas")
     out = OutputLocation("s3://no-cas/out", s3_server.storage_options)
     assert isinstance(make_store(out), S3ConditionalStore)  # moto honours If-None-Match / If-Match
 
     real_put = S3ConditionalStore._put
 
-    def ignoring(self, data, key=None, **condition):  # noqa: ANN001, ANN202 - the store drops the headers
+    def ignoring(self, data, key=None, **condition):  # the store drops the headers
         return real_put(self, data, key=key)
 
     monkeypatch.setattr(S3ConditionalStore, "_put", ignoring)
@@ -332,7 +333,7 @@ def test_a_store_that_ignores_conditional_headers_falls_back_to_read_back(s3_ser
 
 
 @pytest.mark.s3
-def test_the_lease_is_taken_kept_and_released_through_a_flaky_store(s3_server) -> None:  # noqa: ANN001
+def test_the_lease_is_taken_kept_and_released_through_a_flaky_store(s3_server) -> None:
     s3_server.make_bucket("flaky-lease")
     with FlakyS3Proxy(s3_server.endpoint, rate=0.2, seed=11) as proxy:
         # resets on the lease's PUTs: half of them after moto executed the PUT (the answer lost)
@@ -356,7 +357,7 @@ def test_what_workers_carry_survives_pickling(tmp_path: Path) -> None:
     """Ray ships the output location (with the lease reference) to every actor, and a lost lease back."""
     import pickle
 
-    from pipeline.runner import FatalShardError
+    from pipeline.executors.errors import FatalShardError
 
     out = OutputLocation(str(tmp_path / "out"))
     with OutputLease(out, "archive", "pickled") as held:

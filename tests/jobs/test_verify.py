@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.cli import main
+from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.commands.verify import VerifyUsageError, verify_archive
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs, member_data_offset
 
@@ -60,7 +60,7 @@ def _rewrite(archive: Path, shard: str, edit: Callable[[list[dict[str, Any]]], l
 
 
 def test_a_clean_archive_verifies_and_the_cli_exits_0(archived, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     root, pattern, statuses = archived
     report = verify_archive(str(root / "archive"), [pattern])
     assert report.clean and report.problems == []
@@ -83,7 +83,7 @@ def test_a_clean_archive_verifies_and_the_cli_exits_0(archived, tmp_path: Path,
 
 
 def test_every_kind_of_damage_is_listed_by_key(archived, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     root, pattern, statuses = archived
     archive = _copy(archived, tmp_path)
 
@@ -109,7 +109,8 @@ def test_every_kind_of_damage_is_listed_by_key(archived, tmp_path: Path,
     table = pq.read_table(root / "archive" / "archive" / "shard-000000.parquet")  # the untouched copy
     extra = [dict(r, key="extra-000009/" + r["key"].split("/", 1)[1], shard="extra-000009") for r in table.to_pylist()]
     pq.write_table(pa.Table.from_pylist(extra, schema=table.schema), archive / "archive" / "extra-000009.parquet")
-    shutil.copy(archive / "_manifest" / "done" / "shard-000000.json", archive / "_manifest" / "done" / "extra-000009.json")
+    done = archive / "_manifest" / "done"
+    shutil.copy(done / "shard-000000.json", done / "extra-000009.json")
 
     report = verify_archive(str(archive), [pattern])
     shard2 = sorted(k for k in statuses if k.startswith("shard-000002/"))
@@ -128,7 +129,8 @@ def test_every_kind_of_damage_is_listed_by_key(archived, tmp_path: Path,
     out = tmp_path / "problems.json"
     assert main(["--log-level", "WARNING", "verify", str(archive), "--source", pattern, "--json", str(out)]) == 1
     text = capsys.readouterr().out
-    assert "PROBLEM(S)" in text and "MISSING shard-000000/photo000" in text and "HASH_MISMATCH shard-000001/photo003" in text
+    assert "PROBLEM(S)" in text and "MISSING shard-000000/photo000" in text
+    assert "HASH_MISMATCH shard-000001/photo003" in text
     saved = json.loads(out.read_text())
     assert saved["clean"] is False and saved["problem_counts"] == report.problem_counts
     assert {p["kind"] for p in saved["problems"]} == {"missing", "duplicate", "unexpected", "hash_mismatch",
@@ -136,7 +138,7 @@ def test_every_kind_of_damage_is_listed_by_key(archived, tmp_path: Path,
 
 
 def test_unreadable_sources_are_problems_and_bad_usage_exits_2(archived, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     root, pattern, _ = archived
     report = verify_archive(str(root / "archive"), [pattern.replace("000003}", "000004}")])
     assert report.count("source_unreadable") == 1 and "shard-000004" in report.problems[0].detail

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 TEST_MAX_PIXELS = 16 * 1024 * 1024
 
 
@@ -149,7 +148,7 @@ def build_shard_specs(photo_paths: list[Path], n_shards: int, photos_per_shard: 
 # s3_server, tiny_model_dir, other_model_dir and ray_address live in tests/conftest.py: one
 # definition each, so every folder shares one moto server and one Ray per session.
 @pytest.fixture(scope="session")
-def tiny_encoder(tiny_model_dir: Path):  # noqa: ANN201 - jobs.codec.RDEICEncoder
+def tiny_encoder(tiny_model_dir: Path):
     """The tiny codec loaded once on CPU (float32), through the same adapter the jobs use."""
     import torch
 

@@ -12,7 +12,7 @@ from tests.pipeline.conftest import encode_image, exif_rotated_jpeg, hostile_sam
 
 
 @pytest.fixture(scope="module")
-def photo(small_photo_paths) -> Image.Image:  # noqa: ANN001
+def photo(small_photo_paths) -> Image.Image:
     return Image.open(small_photo_paths[0]).convert("RGB")
 
 
@@ -24,7 +24,7 @@ def _fails(data: bytes, reason: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sa
     return info.value
 
 
-def test_real_photo_decodes_to_rgb_uint8(small_photo_paths) -> None:  # noqa: ANN001
+def test_real_photo_decodes_to_rgb_uint8(small_photo_paths) -> None:
     data = small_photo_paths[0].read_bytes()
     out = decode_image(data)
     expected = np.asarray(Image.open(small_photo_paths[0]).convert("RGB"))

@@ -14,7 +14,7 @@ from pipeline.types import REASONS, STATUS_FAILED, STATUS_OK, Record
     (lambda: RestoreRecord("k", 0, status=STATUS_OK), RESTORE_REASONS),
     (lambda: AuditRecord("k", "s", 0, status=STATUS_OK), AUDIT_REASONS),
 ])
-def test_fail_sets_reason_and_refuses_unknown_ones(make, reasons) -> None:  # noqa: ANN001
+def test_fail_sets_reason_and_refuses_unknown_ones(make, reasons) -> None:
     reason = sorted(reasons)[0]
     rec = make().fail(reason, "why")
     assert (rec.status, rec.reason, rec.error) == (STATUS_FAILED, reason, "why")

@@ -10,12 +10,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.executors.base import ArchivePlan
+from pipeline.executors.base import ShardPlan
+from pipeline.executors.errors import FatalShardError
 from pipeline.executors.local import LocalExecutor
 from pipeline.images import decode_image
 from pipeline.manifest import OutputLocation
 from pipeline.progress import NullProgress
-from pipeline.runner import FatalShardError, ShardConfig, process_shard
+from pipeline.runner import ShardConfig, process_shard
 from pipeline.types import ShardRef
 from rdeic_core.bitstream import peek_header
 from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, member_data_offset, tar_of
@@ -28,7 +29,7 @@ def _shard(tmp_path: Path, spec: ShardSpec) -> ShardRef:
     return ShardRef(spec.name, str(path))
 
 
-def _config(encoder, **kw: object) -> ShardConfig:  # noqa: ANN001
+def _config(encoder, **kw: object) -> ShardConfig:
     options = {"batch_size": 3, "max_pixels": TEST_MAX_PIXELS, "expected_fingerprint": encoder.fingerprint.hex()}
     return ShardConfig(**(options | kw))  # type: ignore[arg-type]
 
@@ -38,7 +39,7 @@ def _rows(out: OutputLocation, shard_id: str) -> dict[str, dict]:
     return {r["key"]: r for r in table.to_pylist()}
 
 
-def test_every_sample_is_accounted_for_exactly_once(tmp_path: Path, shard_specs: list[ShardSpec], tiny_encoder) -> None:  # noqa: ANN001
+def test_every_sample_is_accounted_for_exactly_once(tmp_path: Path, shard_specs: list[ShardSpec], tiny_encoder) -> None:
     out = OutputLocation(str(tmp_path / "out"))
     seen = []
     for spec in shard_specs:
@@ -74,7 +75,7 @@ def test_every_sample_is_accounted_for_exactly_once(tmp_path: Path, shard_specs:
         assert marker["parquet_sha256"] == hashlib.sha256(parquet).hexdigest()
 
 
-def test_archived_bytes_equal_a_direct_encode_of_the_upright_image(tmp_path: Path, shard_specs, tiny_encoder) -> None:  # noqa: ANN001
+def test_archived_bytes_equal_a_direct_encode_of_the_upright_image(tmp_path: Path, shard_specs, tiny_encoder) -> None:
     spec = next(s for s in shard_specs if "exif_rotated" in s.expect)
     out = OutputLocation(str(tmp_path / "out"))
     process_shard(_shard(tmp_path, spec), tiny_encoder, out, _config(tiny_encoder))
@@ -85,7 +86,7 @@ def test_archived_bytes_equal_a_direct_encode_of_the_upright_image(tmp_path: Pat
         assert rows[f"{spec.name}/{key}"]["bitstream"] == direct, key
 
 
-def test_duplicate_keys_and_a_cut_shard(tmp_path: Path, small_photo_paths, tiny_encoder) -> None:  # noqa: ANN001
+def test_duplicate_keys_and_a_cut_shard(tmp_path: Path, small_photo_paths, tiny_encoder) -> None:
     png = [p.read_bytes() for p in small_photo_paths[:4]]
     samples = [("a", {"png": png[0]}), ("b", {"png": png[1]}), ("a", {"png": png[2]}), ("c", {"png": png[3]}),
                ("d", {"png": png[0]})]
@@ -110,19 +111,19 @@ def test_duplicate_keys_and_a_cut_shard(tmp_path: Path, small_photo_paths, tiny_
 class _PickyEncoder:
     """The real codec behind a fault injector: images matching ``refuse`` raise ``error``."""
 
-    def __init__(self, inner, refuse, error: Exception, times: int | None = None) -> None:  # noqa: ANN001
+    def __init__(self, inner, refuse, error: Exception, times: int | None = None) -> None:
         self.inner, self.refuse, self.error, self.times = inner, refuse, error, times
         self.fingerprint, self.device = inner.fingerprint, inner.device
         self.calls = 0
 
-    def encode(self, images):  # noqa: ANN001, ANN201
+    def encode(self, images):
         self.calls += 1
         if any(self.refuse(im) for im in images) and (self.times is None or self.calls <= self.times):
             raise self.error
         return self.inner.encode(images)
 
 
-def test_per_image_encode_errors_fail_only_that_image(tmp_path: Path, shard_specs, tiny_encoder) -> None:  # noqa: ANN001
+def test_per_image_encode_errors_fail_only_that_image(tmp_path: Path, shard_specs, tiny_encoder) -> None:
     spec = next(s for s in shard_specs if "one_pixel" in s.expect)
     encoder = _PickyEncoder(tiny_encoder, lambda im: im.shape[:2] == (1, 1), MemoryError("no room for 1x1"))
     out = OutputLocation(str(tmp_path / "out"))
@@ -135,7 +136,7 @@ def test_per_image_encode_errors_fail_only_that_image(tmp_path: Path, shard_spec
     assert stats.failed_by_reason.get("out_of_memory") == 1
 
 
-def test_systemic_encode_errors_fail_the_shard_and_leave_nothing(tmp_path: Path, shard_specs, tiny_encoder) -> None:  # noqa: ANN001
+def test_systemic_encode_errors_fail_the_shard_and_leave_nothing(tmp_path: Path, shard_specs, tiny_encoder) -> None:
     spec = shard_specs[0]
     encoder = _PickyEncoder(tiny_encoder, lambda im: True, RuntimeError("CUDA error: device lost"))
     out = OutputLocation(str(tmp_path / "out"))
@@ -144,33 +145,33 @@ def test_systemic_encode_errors_fail_the_shard_and_leave_nothing(tmp_path: Path,
     assert not (tmp_path / "out" / "archive").exists() and not (tmp_path / "out" / "_manifest").exists()
 
 
-def test_wrong_model_is_fatal(tmp_path: Path, shard_specs, tiny_encoder) -> None:  # noqa: ANN001
+def test_wrong_model_is_fatal(tmp_path: Path, shard_specs, tiny_encoder) -> None:
     config = ShardConfig(expected_fingerprint="00" * 32)
     with pytest.raises(FatalShardError, match="expects 0000"):
         process_shard(_shard(tmp_path, shard_specs[0]), tiny_encoder, OutputLocation(str(tmp_path / "o")), config)
 
 
 class _Factory:
-    def __init__(self, encoder) -> None:  # noqa: ANN001
+    def __init__(self, encoder) -> None:
         self.encoder = encoder
 
-    def load(self, device: str = "auto"):  # noqa: ANN201
+    def load(self, device: str = "auto"):
         return self.encoder
 
 
 def test_local_executor_retries_a_flaky_shard_and_gives_up_on_a_broken_one(tmp_path: Path, shard_specs,
-                                                                          tiny_encoder) -> None:  # noqa: ANN001
+                                                                          tiny_encoder) -> None:
     out = OutputLocation(str(tmp_path / "out"))
     # fails the batch and its one-by-one fallback (2 calls): attempt 1 fails, attempt 2 succeeds
     flaky = _PickyEncoder(tiny_encoder, lambda im: True, ConnectionError("link flapped"), times=2)
-    plan = ArchivePlan([_shard(tmp_path, shard_specs[0])], _Factory(flaky), out, _config(tiny_encoder),
+    plan = ShardPlan([_shard(tmp_path, shard_specs[0])], _Factory(flaky), out, _config(tiny_encoder), process_shard,
                        max_shard_retries=2)
     result = LocalExecutor(device="cpu").run(plan, NullProgress())
     assert [s.attempt for s in result.done] == [2] and result.failed == []
 
     broken = _PickyEncoder(tiny_encoder, lambda im: True, RuntimeError("always broken"))
     shards = [_shard(tmp_path, shard_specs[1]), ShardRef("missing", str(tmp_path / "missing.tar"))]
-    plan = ArchivePlan(shards, _Factory(broken), out, _config(tiny_encoder), max_shard_retries=2)
+    plan = ShardPlan(shards, _Factory(broken), out, _config(tiny_encoder), process_shard, max_shard_retries=2)
     result = LocalExecutor(device="cpu").run(plan, NullProgress())
     assert result.done == []
     assert {(f.shard_id, f.attempts) for f in result.failed} == {(shard_specs[1].name, 3), ("missing", 1)}

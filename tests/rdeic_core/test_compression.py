@@ -121,7 +121,7 @@ SD21_EXPECTED_SHAPES = {
 SD21_ABSENT = [
     "channel_context.0.fushion.0.weight",  # slice 0 has no channel context (None in the ModuleList)
     "encoder.g_a.1.adaptor.weight",  # RB(M, M) has no adaptor
-    "quantize.usage",  # non-persistent
+    "quantize.usage",  # the reference's code-usage counter: no such buffer here
     "hyper_dec.hyper_dec.0.subpel_conv.1.weight",  # PixelShuffle has no parameters
 ]
 
@@ -210,7 +210,8 @@ def test_index_bits_and_scale_table() -> None:
 
 def test_scale_indexes_match_compressai_rule(model: CompressionModule) -> None:
     gc = model.gaussian_conditional
-    scales32 = torch.cat([torch.rand(2000) * 300, gc.scale_table, gc.scale_table * (1 + 1e-7), torch.tensor([0.0, -1.0])])
+    scales32 = torch.cat([torch.rand(2000) * 300, gc.scale_table, gc.scale_table * (1 + 1e-7),
+                          torch.tensor([0.0, -1.0])])
     ours = scale_indexes(scales32.double(), gc.scale_table, float(gc.lower_bound_scale.bound))
     assert torch.equal(ours, gc.build_indexes(scales32).long())
     mu = torch.tensor([0.1, -2.5, 1e-9, 3 / 65536 / 2], dtype=torch.float64)
@@ -311,7 +312,7 @@ def test_verification_refuses_undecodable_stream(model: CompressionModule, monke
         def set_stream(self, data: bytes) -> None:
             self._dec.set_stream(data)
 
-        def decode_stream(self, *args):  # type: ignore[no-untyped-def]
+        def decode_stream(self, *args):
             out = self._dec.decode_stream(*args)
             self._calls += 1
             if self._calls == 10:

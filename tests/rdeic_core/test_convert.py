@@ -54,8 +54,14 @@ import pytest  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from rdeic_core import RDEICCodec  # noqa: E402
-from rdeic_core.checkpoints import ArchHints, CheckpointError, UnsafeCheckpointError, build_codec  # noqa: E402
-from rdeic_core.checkpoints import keymap, openclip_text  # noqa: E402
+from rdeic_core.checkpoints import (  # noqa: E402
+    ArchHints,
+    CheckpointError,
+    UnsafeCheckpointError,
+    build_codec,
+    keymap,
+    openclip_text,
+)
 
 # The numbers the shapes of the scaled-down layout do not show (its head widths).
 HINTS = ArchHints(unet_head_channels=32, control_head_channels=16, text_heads=2, image_size=128)
@@ -234,7 +240,8 @@ def test_missing_unet_key_in_sd_file_fails(tmp_path, weights):
     sd, rd = _split(weights)
     sd = dict(sd)
     del sd["model.diffusion_model.output_blocks.5.2.conv.weight"]  # an upsampler
-    with pytest.raises(CheckpointError, match=r"left unfilled(.|\n)*noise_estimator\.unet\.up_blocks\.1\.upsamplers\.0\.conv\.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"left unfilled(.|\n)*noise_estimator\.unet\.up_blocks\.1\.upsamplers\.0\.conv\.weight"):
         build_codec(_save_lightning(tmp_path / "sd.ckpt", sd), _save_lightning(tmp_path / "rd.ckpt", rd),
                     hints=HINTS, hash_files=False)
 
@@ -416,7 +423,7 @@ def test_diffusers_folder_sd_input(tmp_path, built, files):
 
 # ---------------------------------------------------------------------------- CLI + round trip
 def _cli(argv: list[str]) -> int:
-    from jobs import convert as job
+    from jobs.commands import convert as job
 
     parser = argparse.ArgumentParser()
     job.register(parser.add_subparsers(dest="command"))

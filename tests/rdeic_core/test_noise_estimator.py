@@ -190,7 +190,8 @@ def test_sd21_control_layout(sd21_model):
     first = c.input_blocks[0][0]
     assert (first.in_channels, first.out_channels, first.kernel_size) == (260, 64, (3, 3))
     assert [type(m) for m in c.time_embed] == [nn.Linear, nn.SiLU, nn.Linear]
-    assert (c.time_embed[0].in_features, c.time_embed[0].out_features, c.time_embed[2].out_features) == (320, 1280, 1280)
+    assert (c.time_embed[0].in_features, c.time_embed[0].out_features,
+            c.time_embed[2].out_features) == (320, 1280, 1280)
     assert len(c.input_blocks) == N_ENC
     assert c.out_channels == [64, 64, 64, 64, 128, 128, 128, 256, 256, 256, 256, 256]
     # attention exactly where SD has cross-attention down blocks (levels 0-2), plus the middle block
@@ -288,7 +289,8 @@ def test_injections_add_at_the_right_places(model, inputs):
             for j in range(N_ENC):
                 h_before = outs[id(dec_prod[j])]
                 # the Z^dec_j output matches h_base before up-block step j in channels and resolution ...
-                assert z_out[j].shape == h_before.shape, f"Z^dec_{j}: {tuple(z_out[j].shape)} vs {tuple(h_before.shape)}"
+                assert z_out[j].shape == h_before.shape, (
+                    f"Z^dec_{j}: {tuple(z_out[j].shape)} vs {tuple(h_before.shape)}")
                 # ... is fed control input block 11-j ...
                 assert z_in[j] is feats[N_ENC - 1 - j], f"Z^dec_{j} is not fed control input block {N_ENC - 1 - j}"
                 # ... and is added before the skip concat

@@ -39,7 +39,7 @@ def codec_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def codec(codec_model_dir: Path):  # noqa: ANN201 - RDEICCodec
+def codec(codec_model_dir: Path):
     from rdeic_core import RDEICCodec
 
     return RDEICCodec.from_pretrained(codec_model_dir)

@@ -21,7 +21,7 @@ def _get(archive: Path, key: str, out: Path, *extra: str) -> list[str]:
     return ["--log-level", "WARNING", "get", str(archive), key, "-o", str(out), *extra]
 
 
-def test_get_decodes_one_key_reading_one_row_group(tmp_path: Path, local_archive: LocalArchive, codec,  # noqa: ANN001
+def test_get_decodes_one_key_reading_one_row_group(tmp_path: Path, local_archive: LocalArchive, codec,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     key = "shard-000001/photo004"
     assert main(_get(local_archive.archive, key, tmp_path / "one.png")) == 0
@@ -110,8 +110,8 @@ def test_get_reports_damage_and_incomplete_shards(tmp_path: Path, local_archive:
 
 
 @pytest.mark.ray
-def test_get_on_ray_decodes_in_a_ray_task(tmp_path: Path, ray_address, local_archive: LocalArchive,  # noqa: ANN001
-                                          codec) -> None:  # noqa: ANN001
+def test_get_on_ray_decodes_in_a_ray_task(tmp_path: Path, ray_address, local_archive: LocalArchive,
+                                          codec) -> None:
     key = "shard-000000/photo002"
     result = run_get(GetJob(archive=str(local_archive.archive), key=key, output=str(tmp_path / "r.png"),
                             executor="ray", device="cpu"))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from jobs.commands.restore import RDEICDecoderFactory
+from jobs.codec import RDEICDecoderFactory
 from pipeline.archives import ArchiveLocation
 from pipeline.decoder import SizeBuckets
 from pipeline.manifest import OutputLocation
@@ -86,7 +86,7 @@ class SpyDecoder:
 
 
 def test_batched_decoding_groups_by_padded_size_and_equals_codec_decode_of_each_batch(
-        tmp_path: Path, local_archive: LocalArchive, codec) -> None:  # noqa: ANN001
+        tmp_path: Path, local_archive: LocalArchive, codec) -> None:
     spy = SpyDecoder(RDEICDecoderFactory(str(local_archive.model)).load("cpu"))
     out = OutputLocation(str(tmp_path / "batched"))
     shard = ArchiveLocation(str(local_archive.archive)).complete_shards()[0]

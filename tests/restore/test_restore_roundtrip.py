@@ -36,7 +36,7 @@ class Recorder(NullProgress):
     def __init__(self) -> None:
         self.workers: set[str] = set()
 
-    def shard_done(self, stats) -> None:  # noqa: ANN001
+    def shard_done(self, stats) -> None:
         self.workers.add(stats.worker)
         super().shard_done(stats)
 
@@ -63,7 +63,7 @@ def _damage_on_s3(fs: Any, prefix: str, other_codec: Any, sources: dict[str, np.
 
 
 def test_ray_round_trip_on_s3_restores_every_key_and_lists_damaged_ones(
-        s3_server, ray_address, small_photo_paths, codec_model_dir, other_model_dir, codec) -> None:  # noqa: ANN001
+        s3_server, ray_address, small_photo_paths, codec_model_dir, other_model_dir, codec) -> None:
     from rdeic_core import RDEICCodec
 
     specs = build_shard_specs(small_photo_paths, n_shards=2, photos_per_shard=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs import train as train_job
+from jobs.commands import train as train_job
 from rdeic_core import RDEICCodec
 
 

@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 from pytorch_msssim import ms_ssim as ref_ms_ssim
 
-from jobs import evaluate, rd_eval
+from jobs import rd_eval
+from jobs.commands import evaluate
+from jobs.exits import EXIT_USAGE
 from rdeic_core.codec import RDEICCodec
 
 
@@ -140,12 +142,14 @@ def test_metrics_are_the_audit_metrics() -> None:
     assert math.isnan(rd_eval.ms_ssim(a[:20, :20], b[:20, :20]))  # no window fits below 33 px
 
 
-def test_usage_errors(tmp_path: Path, image_dir: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert evaluate.main(["--images", str(tmp_path), "--model", "tiny"]) == evaluate.EXIT_USAGE
+def test_usage_errors(tmp_path: Path, image_dir: Path, tiny_model_dir: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate.main(["--images", str(tmp_path), "--model", "tiny"]) == EXIT_USAGE
     assert "no images" in capsys.readouterr().err
-    assert evaluate.main(["--images", str(image_dir), "--model", str(tmp_path / "nope")]) == evaluate.EXIT_USAGE
+    assert evaluate.main(["--images", str(image_dir), "--model", str(tmp_path / "nope")]) == EXIT_USAGE
     assert "no model directory" in capsys.readouterr().err
-    assert evaluate.main(["--images", str(image_dir), "--model", str(tiny_model_dir), "--model", str(tiny_model_dir)]) == 2
+    twice = ["--model", str(tiny_model_dir), "--model", str(tiny_model_dir)]
+    assert evaluate.main(["--images", str(image_dir), *twice]) == 2
     assert "labelled 'tiny'" in capsys.readouterr().err
     assert evaluate.model_label("lo=runs/x/model") == ("lo", "runs/x/model")
     assert evaluate.model_label("mini") == ("mini", "mini")
