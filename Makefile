@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml constraints.txt
 photos: $(STAMP)
 	$(PY) tools/photos.py fetch
 
-# System packages the tests need: Chromium renders the audit report (tests/restore). Debian package,
+# System packages the tests need: Chromium renders the audit report (tests/pipeline/restore). Debian package,
 # installed only when missing (CI machines are fresh; developers' machines keep it).
 sysdeps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }

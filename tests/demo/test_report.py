@@ -6,7 +6,7 @@ codec and two real photos (one validation, one training) shrunk to ~0.05 MP, so 
 per job; then ``report.html`` is opened in headless Chromium: every <img> loaded, the page is not
 blank, and every archived photo is shown with its restoration.
 
-Chromium missing is a FAILURE with the install command, never a skip (as in tests/restore).
+Chromium missing is a FAILURE with the install command, never a skip (as in tests/pipeline/restore).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from demo.run import read_parquet_dir
-from tests.restore.chromium_cdp import INSTALL_HINT, find_chromium, inspect_page
+from tests.pipeline.restore.chromium_cdp import INSTALL_HINT, find_chromium, inspect_page
 
 PHOTOS = ("Dune.jpg", "GreenMeadow.jpg")  # validation, training (split.json)
 

@@ -19,7 +19,7 @@ from jobs.commands.encode import load_codec
 from jobs.commands.get import GetJob, run_get
 from jobs.commands.restore import RestoreConfigError, RestoreJob
 from rdeic_core.tiling import TileConfig
-from tests.cli.conftest import write_spec
+from tests.jobs.commands.conftest import write_spec
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs
 
 DEFAULT_TILE_BATCH = TileConfig().batch

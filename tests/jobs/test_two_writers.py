@@ -39,8 +39,8 @@ from pipeline.lease import (
 )
 from pipeline.manifest import OutputLocation
 from pipeline.progress import NullProgress
-from tests.faults.flaky_proxy import FlakyS3Proxy
 from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, build_shard_specs
+from tests.pipeline.faults.flaky_proxy import FlakyS3Proxy
 
 BUCKET = "two-writers"
 

@@ -1,6 +1,6 @@
 """perceptual.weights: where each metric's files are looked for, and that a missing one is named exactly.
 
-The audit tests (tests/restore/test_audit_metrics.py) run the networks from these files end to end;
+The audit tests (tests/pipeline/restore/test_audit_metrics.py) run the networks from these files end to end;
 these check the lookup rule alone: torch hub's checkpoint directory, any of the accepted names, or
 the path in the metric's environment variable, which then is the only place looked at.
 """

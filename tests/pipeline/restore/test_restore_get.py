@@ -14,7 +14,7 @@ from PIL import Image
 from jobs.cli import main
 from jobs.commands.get import GetError, GetJob, run_get
 from pipeline.archives import ArchiveLocation, KeyNotFoundError, lookup
-from tests.restore.conftest import LocalArchive, damage_archive
+from tests.pipeline.restore.conftest import LocalArchive, damage_archive
 
 
 def _get(archive: Path, key: str, out: Path, *extra: str) -> list[str]:

@@ -24,7 +24,7 @@ from jobs.commands.audit import AuditJob, run_audit
 from jobs.commands.restore import RestoreJob, run_restore
 from pipeline.progress import NullProgress
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs
-from tests.restore.conftest import flip_byte
+from tests.pipeline.restore.conftest import flip_byte
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 BUCKET = "restore-rt"

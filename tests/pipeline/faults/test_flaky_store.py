@@ -9,7 +9,7 @@ import pytest
 import s3fs
 
 from pipeline import storage
-from tests.faults.flaky_proxy import RANDOM_KINDS, FlakyS3Proxy, classify
+from tests.pipeline.faults.flaky_proxy import RANDOM_KINDS, FlakyS3Proxy, classify
 
 pytestmark = [pytest.mark.s3]
 BUCKET = "flaky-store"

@@ -19,7 +19,7 @@ import yaml
 from jobs.cli import SUBCOMMANDS, resolve_args
 from jobs.commands.submit import read_constraints
 from jobs.config import parse_spec
-from tests.cli.conftest import REPO_ROOT
+from tests.jobs.commands.conftest import REPO_ROOT
 
 INFRA = REPO_ROOT / "infra"
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())

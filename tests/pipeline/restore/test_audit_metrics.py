@@ -20,7 +20,7 @@ from jobs.commands.audit import AuditJob, run_audit
 from pipeline.audit import sampled
 from pipeline.metrics import frechet_distance, kernel_inception_distance, ms_ssim_window
 from tests.pipeline.conftest import build_shard_specs
-from tests.restore.conftest import AuditRun, LocalArchive, block_network, damage_archive, source_image
+from tests.pipeline.restore.conftest import AuditRun, LocalArchive, block_network, damage_archive, source_image
 
 WEIGHT_NAMES = ("alexnet-owt-7be5be79.pth", "lpips_alex_v0.1.pth", "vgg16-397923af.pth", "dists_alpha_beta.pt",
                 "pt_inception-2015-12-05-6726825d.pth")
@@ -134,7 +134,7 @@ def test_lpips_dists_fid_kid_run_from_weights_in_the_hub_cache(tmp_path: Path, h
                                                              codec, monkeypatch: pytest.MonkeyPatch) -> None:
     from perceptual import PerceptualMetrics, find_weights
     from tests.pipeline.conftest import Expect, encode_image
-    from tests.restore.conftest import write_archive
+    from tests.pipeline.restore.conftest import write_archive
 
     specs = build_shard_specs(small_photo_paths[14:], n_shards=1, photos_per_shard=3, with_hostile=False)
     small = Image.open(small_photo_paths[14]).convert("RGB").resize((48, 24))
@@ -215,7 +215,7 @@ def test_fraction_samples_keys_by_hash_and_failures_are_reported(
         tmp_path: Path, small_photo_paths: list[Path], codec_model_dir: Path, other_model_dir: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     from jobs.cli import main
-    from tests.restore.conftest import write_archive
+    from tests.pipeline.restore.conftest import write_archive
 
     specs = build_shard_specs(small_photo_paths[8:], n_shards=1, photos_per_shard=8, with_hostile=False)
     archive = write_archive(tmp_path / "a", specs, codec_model_dir)

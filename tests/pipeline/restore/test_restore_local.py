@@ -22,7 +22,7 @@ from pipeline.manifest import OutputLocation
 from pipeline.restore import RestoreConfig, restore_shard
 from rdeic_core.bitstream import peek_header
 from tests.pipeline.conftest import Expect, build_shard_specs, encode_image
-from tests.restore.conftest import LocalArchive, damage_archive, write_archive
+from tests.pipeline.restore.conftest import LocalArchive, damage_archive, write_archive
 
 
 def _argv(archive: Path, out: Path, *extra: str) -> list[str]:

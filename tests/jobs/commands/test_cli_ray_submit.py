@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.cli.conftest import REPO_ROOT, TEST_MAX_PIXELS, Shards, write_spec
+from tests.jobs.commands.conftest import REPO_ROOT, TEST_MAX_PIXELS, Shards, write_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import pytest
 from tests.pipeline.conftest import TEST_MAX_PIXELS as TEST_MAX_PIXELS  # re-exported for the tests here
 from tests.pipeline.conftest import ShardSpec, build_shard_specs
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import yaml
 from jobs import config as cfg
 from jobs.cli import build_parser, main, resolve_args
 from pipeline.batching import DEFAULT_BATCH_SIZE
-from tests.cli.conftest import REPO_ROOT, write_spec
+from tests.jobs.commands.conftest import REPO_ROOT, write_spec
 
 
 def _error(text: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.config import load_spec
-from tests.cli.conftest import TEST_MAX_PIXELS, Shards, write_spec
+from tests.jobs.commands.conftest import TEST_MAX_PIXELS, Shards, write_spec
 
 ENV_SECRET = "ENV-SECRET-value-4f9a"
 SPEC_SECRET = "SPEC-SECRET-value-77c1"

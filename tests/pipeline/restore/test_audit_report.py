@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.restore.chromium_cdp import INSTALL_HINT, find_chromium, inspect_page
-from tests.restore.conftest import AuditRun
+from tests.pipeline.restore.chromium_cdp import INSTALL_HINT, find_chromium, inspect_page
+from tests.pipeline.restore.conftest import AuditRun
 
 
 def test_chromium_is_installed() -> None:

@@ -11,7 +11,7 @@ import pytest
 from jobs.cli import main, resolve_args
 from jobs.commands import submit as sb
 from jobs.config import DEFAULT_PASS_ENV, ConfigError, load_spec
-from tests.cli.conftest import REPO_ROOT, write_spec
+from tests.jobs.commands.conftest import REPO_ROOT, write_spec
 
 FAKE_ENV = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0000",

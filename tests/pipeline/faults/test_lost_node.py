@@ -1,6 +1,6 @@
 """A whole Ray node lost mid-job: the archive still finishes, every key exactly once.
 
-A two-node Ray cluster runs on this machine (``tests/faults/two_node_cluster.py``: Ray's own
+A two-node Ray cluster runs on this machine (``tests/pipeline/faults/two_node_cluster.py``: Ray's own
 ``ray.cluster_utils.Cluster``, head + worker, each with its own raylet and object store). The
 archive driver runs as a separate process attached to the head. As soon as the actor on the
 worker node has finished its first shard (so it is in the middle of its next one), every process
@@ -41,7 +41,7 @@ from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BUCKET = "lostnode"
 RESTART_TIMEOUT_S = 5.0
 
@@ -137,7 +137,7 @@ def two_nodes(env: dict[str, str]) -> Iterator[Callable[..., tuple[Process, dict
 
     def start(head_cpus: int = 2) -> tuple[Process, dict[str, str]]:
         tmp = tempfile.mkdtemp(prefix="rdeic-ray-")
-        proc = Process([sys.executable, "-m", "tests.faults.two_node_cluster", "--head-cpus", str(head_cpus)],
+        proc = Process([sys.executable, "-m", "tests.pipeline.faults.two_node_cluster", "--head-cpus", str(head_cpus)],
                        env | {"RAY_TMPDIR": tmp}, stdin=True)
         started.append((proc, tmp))
         info = _json(proc.line(timeout=120) or "")

@@ -28,8 +28,8 @@ from jobs.cli import main
 from jobs.commands.archive import ArchiveJob, run_archive
 from jobs.commands.restore import RestoreJob, run_restore
 from jobs.commands.verify import verify_archive
-from tests.faults.flaky_proxy import RANDOM_KINDS
 from tests.pipeline.conftest import TEST_MAX_PIXELS, build_shard_specs
+from tests.pipeline.faults.flaky_proxy import RANDOM_KINDS
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 BUCKET = "flaky"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import SUBCOMMAND_HELP, SUBCOMMANDS, main
-from tests.cli.conftest import REPO_ROOT
+from tests.jobs.commands.conftest import REPO_ROOT
 
 ISSUE_COMMANDS = ("encode", "decode", "archive", "restore", "audit", "status", "get", "inspect", "convert",
                   "evaluate", "submit", "job")

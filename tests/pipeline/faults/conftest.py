@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.flaky_proxy import FlakyS3Proxy
+from tests.pipeline.faults.flaky_proxy import FlakyS3Proxy
 
 
 @pytest.fixture

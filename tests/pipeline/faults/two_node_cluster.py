@@ -1,5 +1,5 @@
 """A two-node Ray cluster on this machine, in a process of its own:
-``python -m tests.faults.two_node_cluster [--head-cpus N] [--worker-cpus N]``.
+``python -m tests.pipeline.faults.two_node_cluster [--head-cpus N] [--worker-cpus N]``.
 
 Ray's own test cluster (``ray.cluster_utils.Cluster``): a head node and a worker node, each with
 its own raylet, object store and workers, both on loopback. It runs outside the pytest process
