@@ -27,9 +27,6 @@ from .exits import EXIT_USAGE, CommandError
 # ``jobs.commands`` (``jobs.commands.discover``, at every parse), so adding a command edits nothing here.
 SUBCOMMANDS: dict[str, str] = {name: c.module for name, c in discover().items()}
 SUBCOMMAND_HELP: dict[str, str] = {name: c.help for name, c in discover().items()}
-# Commands whose arguments after `--` are handed on untouched (``args.passthrough``): `submit` appends
-# them to the job's command line on the cluster.
-PASSTHROUGH = ("submit",)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -139,7 +136,7 @@ def resolve_args(argv: Sequence[str]) -> tuple[argparse.Namespace | None, int | 
         sub = _subparser(parser, name)
         required = _relax_required(sub)
     passthrough: list[str] = []
-    if name in PASSTHROUGH and "--" in argv[argv.index(name):]:
+    if name is not None and discover()[name].passthrough and "--" in argv[argv.index(name):]:
         cut = argv.index("--", argv.index(name))
         argv, passthrough = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ from .manifest import JOB_SPEC_FILE, Manifest, OutputLocation, utc_now
 from .progress import NullProgress, ProgressSink
 from .types import ShardRef, ShardStats
 
+# The run summary's exit_code, which `rdeic` returns as is (the same numbers as jobs.exits.EXIT_OK/EXIT_FAILED)
 EXIT_OK = 0
 EXIT_SHARDS_FAILED = 1
 MAX_SUMMARY_FAILED_KEYS = 1000

@@ -2,7 +2,8 @@
 
 A module here is a command named after its file. It defines ``HELP`` (a string literal: the line
 ``rdeic --help`` shows) and ``add_parser(subparsers)``; a shard job also defines ``OPTIONS`` (its
-options dataclass, from which its flags and its spec section are derived, ``jobs.options``).
+options dataclass, from which its flags and its spec section are derived, ``jobs.options``); a
+command that hands the arguments after ``--`` on (``submit``) sets ``PASSTHROUGH = True``.
 Nothing else is edited to add one (docs/jobs.md, "Add a job").
 
 Listing reads the files' source (``ast``) instead of importing them, so ``rdeic --help`` stays
@@ -22,6 +23,7 @@ class CommandInfo:
     module: str
     help: str
     has_spec: bool  # defines OPTIONS: takes --config SPEC.yaml / --print-config and a spec section
+    passthrough: bool  # PASSTHROUGH = True: the arguments after `--` are handed on untouched (args.passthrough)
 
 
 def _module_names(tree: ast.Module) -> dict[str, ast.expr]:
@@ -47,6 +49,8 @@ def discover() -> dict[str, CommandInfo]:
             text = names.get("HELP")
             if not (isinstance(text, ast.Constant) and isinstance(text.value, str)):
                 continue  # a helper module, not a command
-            found.setdefault(path.stem, CommandInfo(path.stem, f"{__name__}.{path.stem}", text.value,
-                                                    "OPTIONS" in names))
+            passthrough = names.get("PASSTHROUGH")
+            found.setdefault(path.stem, CommandInfo(
+                path.stem, f"{__name__}.{path.stem}", text.value, "OPTIONS" in names,
+                isinstance(passthrough, ast.Constant) and passthrough.value is True))
     return dict(sorted(found.items()))

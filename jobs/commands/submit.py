@@ -52,6 +52,7 @@ from ..exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, run_comm
 from ..logs import redact_text
 
 HELP = 'submit a job spec to a Ray cluster (Ray Jobs API) and stream its logs'
+PASSTHROUGH = True  # the arguments after `--` are appended to the job's command line on the cluster
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # jobs/commands/submit.py -> the repository
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
