@@ -1,6 +1,6 @@
 """``audit_shard``: decode (a sample of) one archive shard and measure it against its source images.
 
-Run by the same executors as archive and restore (``ArchivePlan(work=audit_shard)``), with the
+Run by the same executors as archive and restore (``ShardPlan(work=audit_shard)``), with the
 same done markers, so an audit resumes shard by shard. Per shard:
 
     archive/<shard>.parquet -> sampled ok rows -> stream checks (CRC, structure, model)

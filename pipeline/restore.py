@@ -1,7 +1,7 @@
 """``restore_shard``: one archive file in, its decoded images out (WebDataset tar or folder) + records.
 
 The restore mirror of ``pipeline.runner.process_shard``, run by the same executors (local, Ray
-actors pinned to GPUs) through ``ArchivePlan(work=restore_shard)``, with the same resume rule: the
+actors pinned to GPUs) through ``ShardPlan(work=restore_shard)``, with the same resume rule: the
 done marker ``_manifest/done/<shard>.json`` is written last, so an interrupted shard is redone.
 
     archive/<shard>.parquet --read--> rows --check each stream--> size buckets --decode--> PNG
