@@ -548,6 +548,7 @@ class OutputLease:
     # -------------------------------------------------------------- acquire / renew / release
     def acquire(self) -> None:
         """Take the lease; LeaseHeldError when another live job holds it (and --break-lease was not given)."""
+        settle_s = float(getattr(self.store, "settle_s", 0.0))
         for _ in range(ACQUIRE_TRIES):
             data, version = self.store.read()
             now = time.time()
@@ -555,6 +556,12 @@ class OutputLease:
             if data is not None:
                 current = _parse(data)
                 why = free_because(current, now)
+                if why is None and not self.break_lease and settle_s > 0:
+                    # a store without compare-and-swap: the holder seen now may still lose its own read-back
+                    # to a later writer; look again once the race has settled, so the refusal names the winner
+                    time.sleep(settle_s)
+                    settle_s = 0.0
+                    continue
                 if why is None and not self.break_lease:
                     assert current is not None
                     raise LeaseHeldError(
