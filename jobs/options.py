@@ -169,6 +169,10 @@ class JobOptions:
     batch_size: int = option("images per network batch", default=1, min=1)
     tile_batch: int | None = option(TILE_BATCH_HELP, min=1, metavar="N")
     max_shard_retries: int = option("retries of a failed shard attempt", default=2, min=0)
+    restart_timeout_s: float = option(
+        "Ray: seconds to wait for a dead worker to come back (on any node with a free slot) before giving it "
+        "up; with no worker left, the pending shards are marked failed instead of waiting", default=600.0, min=0,
+        metavar="S")
     break_lease: bool = option(
         "take the output's lease even though another job holds it and it has not expired: only when you know "
         "that job is dead (its next write then fails, exit status 75)", default=False, saved=False,

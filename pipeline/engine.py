@@ -74,7 +74,7 @@ class ShardTask:
 
     ``options`` is the job's options dataclass (``jobs.options.JobOptions``): the driver reads
     ``output``, ``storage_options``, ``break_lease``, ``max_shard_retries``, ``executor``,
-    ``num_actors``, ``ray_address`` and ``device`` from it.
+    ``num_actors``, ``ray_address``, ``device`` and ``restart_timeout_s`` from it.
     """
 
     kind: ClassVar[str] = "job"
@@ -131,7 +131,8 @@ def make_executor(options: Any) -> Any:
         return LocalExecutor(device=options.device)
     from .executors.ray import RayExecutor
 
-    return RayExecutor(num_actors=options.num_actors, address=options.ray_address, device=options.device)
+    return RayExecutor(num_actors=options.num_actors, address=options.ray_address, device=options.device,
+                       restart_timeout_s=options.restart_timeout_s)
 
 
 def run_job(task: ShardTask, progress: ProgressSink | None = None, executor: Any = None) -> JobOutcome:
