@@ -100,8 +100,12 @@ class ShardTask:
         """Every shard the job covers, done or not (after the guard, under the lease)."""
         raise NotImplementedError
 
-    def redo(self, manifest: Manifest, shards: list[ShardRef], done: list[str]) -> list[ShardRef]:
-        """Done shards to run again this time (archive's ``--retry-failed``); none by default."""
+    def redo(self, manifest: Manifest, shards: list[ShardRef], done: list[str],
+             known: dict[str, ShardStats]) -> list[ShardRef]:
+        """Done shards to run again this time (archive's ``--retry-failed``); none by default.
+
+        Markers the task reads to decide go into ``known``: the summary reuses them (a 20k-shard
+        prefix takes minutes to read)."""
         return []
 
     def summarize(self, summary: dict[str, Any], ran: Ran) -> None:
@@ -158,7 +162,8 @@ def run_job(task: ShardTask, progress: ProgressSink | None = None, executor: Any
         done_before = manifest.done_shards()
         pending = [s for s in shards if s.shard_id not in done_before]
         skipped = [s.shard_id for s in shards if s.shard_id in done_before]
-        redo = task.redo(manifest, shards, skipped) if skipped else []
+        known: dict[str, ShardStats] = {}
+        redo = task.redo(manifest, shards, skipped, known) if skipped else []
         plan = ShardPlan(pending + redo, prepared.factory, out, prepared.config, prepared.work,
                          options.max_shard_retries, kind=task.kind)
         progress = progress or NullProgress()
@@ -166,7 +171,7 @@ def run_job(task: ShardTask, progress: ProgressSink | None = None, executor: Any
         progress.start(len(pending) + len(redo), len(shards) - len(pending) - len(redo))
         result = run_plan(executor or make_executor(options), plan, progress, task.config_error)
         lease.raise_if_lost()
-        ran = _split(prepared, shards, result, {s.shard_id for s in redo}, manifest, skipped)
+        ran = _split(prepared, shards, result, {s.shard_id for s in redo}, manifest, skipped, known)
         summary = build_summary(options.output, run_id, started_at, time.perf_counter() - t0, ran)
         task.summarize(summary, ran)
         lease.write_summary(manifest, summary)
@@ -175,14 +180,16 @@ def run_job(task: ShardTask, progress: ProgressSink | None = None, executor: Any
 
 
 def _split(prepared: Prepared, shards: list[ShardRef], result: RunResult, redone_ids: set[str],
-           manifest: Manifest, skipped: list[str]) -> Ran:
-    """This run's new shards apart from the done ones it redid; the done ones' latest stats."""
+           manifest: Manifest, skipped: list[str], known: dict[str, ShardStats]) -> Ran:
+    """This run's new shards apart from the done ones it redid; the done ones' latest stats (markers
+    read once: those ``known`` already are not read again)."""
     fresh = RunResult(done=[s for s in result.done if s.shard_id not in redone_ids],
                       failed=[f for f in result.failed if f.shard_id not in redone_ids])
     redone = RunResult(done=[s for s in result.done if s.shard_id in redone_ids],
                        failed=[f for f in result.failed if f.shard_id in redone_ids])
     now = {s.shard_id: s for s in redone.done}
-    before = {s.shard_id: s for s in manifest.read_done([i for i in skipped if i not in now])} if skipped else {}
+    unread = [i for i in skipped if i not in now and i not in known]
+    before = {**known, **({s.shard_id: s for s in manifest.read_done(unread)} if unread else {})}
     earlier = [now.get(i) or before[i] for i in skipped if i in now or i in before]
     return Ran(prepared, shards, fresh, earlier, redone)
 

@@ -112,12 +112,13 @@ class ArchiveTask(JobTask):
         shards: list[ShardRef] = prepared.state["shards"]
         return shards
 
-    def redo(self, manifest: Manifest, shards: list[ShardRef], done: list[str]) -> list[ShardRef]:
+    def redo(self, manifest: Manifest, shards: list[ShardRef], done: list[str],
+             known: dict[str, ShardStats]) -> list[ShardRef]:
         """``--retry-failed``: the done shards with rows that failed for a reason that may pass."""
         if not self.options.retry_failed:
             return []
-        earlier = {s.shard_id: s for s in manifest.read_done(done)}
-        return [s for s in shards if s.shard_id in earlier and may_have_transient(earlier[s.shard_id].failed_by_reason)]
+        known.update((s.shard_id, s) for s in manifest.read_done(done))
+        return [s for s in shards if s.shard_id in known and may_have_transient(known[s.shard_id].failed_by_reason)]
 
     def summarize(self, summary: dict[str, Any], ran: Ran) -> None:
         if self.options.retry_failed:
