@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .commands import discover
-from .exits import EXIT_USAGE, CommandError
+from .exits import EXIT_USAGE, CommandError, UsageError, report
 
 # Subcommand name -> module, and the line `rdeic --help` shows for it: found by listing
 # ``jobs.commands`` (``jobs.commands.discover``, at every parse), so adding a command edits nothing here.
@@ -101,23 +101,17 @@ def _apply_spec(args: argparse.Namespace, p: argparse.ArgumentParser, sub_argv: 
     try:
         if getattr(args, "config", None):
             apply_spec(args, p, sub_argv, load_spec(args.config, expect_kind=name))
-    except CommandError as exc:  # ConfigError
-        print(f"rdeic {name}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    missing = [a for a in required if getattr(args, a.dest, None) in (None, [])]
-    if missing:
-        flags = ", ".join(a.option_strings[-1] for a in missing)
-        keys = ", ".join(f"{name}.{a.dest}" for a in missing)
-        print(f"rdeic {name}: error: the following arguments are required: {flags} "
-              f"(on the command line, or as {keys} in --config)", file=sys.stderr)
-        return EXIT_USAGE
-    if getattr(args, "print_config", False):
-        try:
+        missing = [a for a in required if getattr(args, a.dest, None) in (None, [])]
+        if missing:
+            flags = ", ".join(a.option_strings[-1] for a in missing)
+            keys = ", ".join(f"{name}.{a.dest}" for a in missing)
+            raise UsageError(f"the following arguments are required: {flags} (on the command line, or as {keys} "
+                             "in --config)")
+        if getattr(args, "print_config", False):
             sys.stdout.write(dump_spec(name, resolved_section(args, name)))
-        except CommandError as exc:
-            print(f"rdeic {name}: error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        return 0
+            return 0
+    except CommandError as exc:  # ConfigError, a bad value
+        return report(name, exc)
     return None
 
 

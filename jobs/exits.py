@@ -22,9 +22,17 @@ EXIT_INTERRUPTED = 130
 
 
 class CommandError(Exception):
-    """A command cannot go on; ``str(exc)`` is the message and ``exit_code`` the status."""
+    """A command cannot go on; ``str(exc)`` is the message, ``exit_code`` the status and ``label`` what
+    precedes the message (``rdeic NAME: error: MSG``)."""
 
     exit_code = EXIT_USAGE
+    label = "error: "
+
+
+def report(name: str, exc: CommandError) -> int:
+    """Print ``exc`` as ``rdeic NAME: <label>MSG`` on stderr; its exit status."""
+    print(f"rdeic {name}: {exc.label}{exc}", file=sys.stderr)
+    return exc.exit_code
 
 
 class UsageError(CommandError):
@@ -68,8 +76,7 @@ def run_command(name: str, body: Callable[[], int], *, resumable: bool = False) 
     try:
         return int(body())
     except CommandError as exc:
-        print(f"rdeic {name}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report(name, exc)
     except KeyboardInterrupt:
         hint = "; rerun the same command to resume" if resumable else ""
         print(f"rdeic {name}: interrupted{hint}", file=sys.stderr)
@@ -85,25 +92,12 @@ def run_command(name: str, body: Callable[[], int], *, resumable: bool = False) 
 
 class PlainError(CommandError):
     """An outcome a command states in its own words, without the ``error:`` label: ``rdeic get: KEY:
-    no_such_key: ...``, ``rdeic inspect: not found: ...``. :func:`run_reported` prints it. Exit 1 unless
-    ``exit_code`` says otherwise."""
+    no_such_key: ...``, ``rdeic inspect: not found: ...``. Exit 1 unless ``exit_code`` says otherwise."""
 
     exit_code = EXIT_FAILED
+    label = ""
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
-
-
-def run_reported(name: str, body: Callable[[], int], *, resumable: bool = False) -> int:
-    """:func:`run_command` for a command whose body may also raise :class:`PlainError` (``rdeic NAME: MSG``)."""
-
-    def reported() -> int:
-        try:
-            return int(body())
-        except PlainError as exc:
-            print(f"rdeic {name}: {exc}", file=sys.stderr)
-            return exc.exit_code
-
-    return run_command(name, reported, resumable=resumable)

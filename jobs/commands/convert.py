@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..exits import EXIT_OK, EXIT_USAGE, PlainError, run_reported
+from ..exits import EXIT_OK, EXIT_USAGE, PlainError, run_command
 
 HELP = 'convert the official SD 2.1 + RDEIC checkpoints into a model directory'
 
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
                         "(see ArchHints; repeatable)")
     p.add_argument("--name", default=None, help="model name stored in the config (default: the RDEIC file's stem)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
-    p.set_defaults(func=lambda args: run_reported("convert", lambda: run(args)))
+    p.set_defaults(func=lambda args: run_command("convert", lambda: run(args)))
 
 
 add_parser = register  # the name jobs/cli.py looks up

@@ -29,7 +29,7 @@ from pipeline.decoder import RejectedStream
 from pipeline.restore import check_row, decode_streams
 
 from ..codec import RDEICDecoderFactory, add_decode_overrides, add_tile_batch_option, open_archive
-from ..exits import EXIT_OK, PlainError, UsageError, run_reported
+from ..exits import EXIT_OK, PlainError, UsageError, run_command
 from ..options import EXECUTORS, json_object
 
 HELP = 'fetch and decode single images from an archive by key'
@@ -187,7 +187,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                  storage_options=args.storage_options, device=args.device,
                  compute_dtype=None if args.compute_dtype in (None, "float32") else args.compute_dtype,
                  tile_batch=args.tile_batch, ray_address=args.ray_address)
-    return run_reported("get", lambda: _print_result(job, run_get(job)))
+    return run_command("get", lambda: _print_result(job, run_get(job)))
 
 
 def _print_result(job: GetJob, result: GetResult) -> int:

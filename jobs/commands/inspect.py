@@ -20,7 +20,7 @@ import argparse
 import json
 from typing import Any
 
-from ..exits import EXIT_OK, PlainError, run_reported
+from ..exits import EXIT_OK, PlainError, run_command
 from ..options import json_object
 
 HELP = 'summary and metadata of an archive file or prefix'
@@ -204,7 +204,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json_object, default=None, metavar="JSON",
                    help="fsspec options for remote storage, JSON or @file.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=lambda args: run_reported("inspect", lambda: run(args)))
+    p.set_defaults(func=lambda args: run_command("inspect", lambda: run(args)))
     return p
 
 

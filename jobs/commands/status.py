@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..exits import EXIT_OK, PlainError, UsageError, run_reported
+from ..exits import EXIT_OK, PlainError, UsageError, run_command
 from ..options import json_object
 
 HELP = 'progress of an archive job (running or stopped) from its output location'
@@ -211,7 +211,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
                    help="refresh every SECONDS until the job is complete (Ctrl-C to leave)")
-    p.set_defaults(func=lambda args: run_reported("status", lambda: run(args)))
+    p.set_defaults(func=lambda args: run_command("status", lambda: run(args)))
     return p
 
 

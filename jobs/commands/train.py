@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..exits import EXIT_INTERRUPTED, EXIT_OK, PlainError, UsageError, run_reported
+from ..exits import EXIT_INTERRUPTED, EXIT_OK, PlainError, UsageError, run_command
 
 HELP = "train an RDEIC codec (stages of the paper's schedule)"
 
@@ -107,7 +107,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    return run_reported("train", lambda: _train(args))
+    return run_command("train", lambda: _train(args))
 
 
 def _train(args: argparse.Namespace) -> int:
