@@ -184,14 +184,15 @@ class JobOptions:
     def __post_init__(self) -> None:
         if self.compute_dtype == "float32":  # CPU and GPU default: the codec's own dtype
             object.__setattr__(self, "compute_dtype", None)
+        hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
             meta, value = meta_of(f), getattr(self, f.name)
             if meta.repeat and isinstance(value, (list, str)):
                 object.__setattr__(self, f.name, (value,) if isinstance(value, str) else tuple(value))
-            self._check(f, meta, getattr(self, f.name))
+            self._check(f, meta, getattr(self, f.name), hints[f.name])
         self.check()
 
-    def _check(self, f: dataclasses.Field[Any], meta: OptionMeta, value: Any) -> None:
+    def _check(self, f: dataclasses.Field[Any], meta: OptionMeta, value: Any, tp: Any) -> None:
         flag = flag_name(f)
         if meta.nonempty and not value:
             raise self.config_error(f"no {flag} given")
@@ -203,7 +204,7 @@ class JobOptions:
             raise self.config_error(f"{flag} must be >= {_num(meta.min)}, got {value}")
         if meta.max is not None and value > meta.max:
             raise self.config_error(f"{flag} must be <= {_num(meta.max)}, got {value}")
-        if is_mapping(strip_optional(get_type_hints(type(self))[f.name])) and not isinstance(value, dict):
+        if is_mapping(strip_optional(tp)) and not isinstance(value, dict):
             raise self.config_error(f"storage options must be a JSON object, got {value!r}"
                                     if f.name == "storage_options" else f"{flag} must be a JSON object")
 

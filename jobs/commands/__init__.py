@@ -13,6 +13,7 @@ quick and imports neither torch nor Ray; only the chosen command is imported.
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,17 @@ def _module_names(tree: ast.Module) -> dict[str, ast.expr]:
 
 
 def discover() -> dict[str, CommandInfo]:
-    """Every command module on this package's path (sorted by name), without importing any."""
+    """Every command module on this package's path (sorted by name), without importing any.
+
+    Listed once per package path (one `rdeic` start asks several times); a folder added to the path
+    (tests add a toy command this way) is listed anew."""
+    return _discover(tuple(__path__))
+
+
+@functools.cache
+def _discover(folders: tuple[str, ...]) -> dict[str, CommandInfo]:
     found: dict[str, CommandInfo] = {}
-    for folder in __path__:
+    for folder in folders:
         for path in sorted(Path(folder).glob("*.py")):
             if path.stem.startswith("_"):
                 continue
