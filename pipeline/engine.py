@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from . import storage
 from .executors.base import ModelFactory, RunResult, ShardPlan, ShardWork, run_plan
 from .lease import OutputLease
-from .manifest import JOB_SPEC_FILE, Manifest, OutputLocation, utc_now
+from .manifest import JOB_SPEC_FILE, Guard, Manifest, OutputLocation, utc_now
 from .progress import NullProgress, ProgressSink
 from .types import ShardRef, ShardStats
 
@@ -40,17 +40,15 @@ class Prepared:
     """What a task set up before the lease: where it writes, what each worker loads, what each shard gets.
 
     ``guard`` is the file that pins the output prefix to one set of settings (``run.json``,
-    ``restore.json``...): created by the first run, checked by every later one (``guard_check``
-    raises ``OutputConflictError`` naming the difference).
+    ``restore.json``...): created by the first run, checked by every later one
+    (``Manifest.run_guard``, ``Manifest.settings_guard``).
     """
 
     out: OutputLocation
     factory: ModelFactory
     config: Any
     work: ShardWork
-    guard: str
-    guard_record: Callable[[], dict[str, Any]]
-    guard_check: Callable[[dict[str, Any]], None]
+    guard: Guard
     state: dict[str, Any] = field(default_factory=dict)  # whatever the task wants back in its later steps
 
 
@@ -152,7 +150,7 @@ def run_job(task: ShardTask, progress: ProgressSink | None = None, executor: Any
     with lease:  # LeaseHeldError when another live job writes here; held (heartbeat) until the summary is written
         manifest = Manifest(out)
         try:
-            manifest.claim(prepared.guard, prepared.guard_record, prepared.guard_check)
+            manifest.claim(prepared.guard)
             shards = task.shards(prepared)
         except (ValueError, FileNotFoundError) as exc:  # OutputConflictError, unreadable archive
             raise task.config_error(str(exc)) from None

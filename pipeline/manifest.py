@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -111,6 +112,16 @@ def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
+@dataclass(frozen=True)
+class Guard:
+    """The file that pins an output prefix to one set of settings (``Manifest.claim``): ``record()`` is what
+    the first run writes, ``check(existing)`` raises OutputConflictError when this run may not add to it."""
+
+    name: str
+    record: Callable[[], dict[str, Any]]
+    check: Callable[[dict[str, Any]], None]
+
+
 class Manifest:
     """Reads and writes the run file and the per-shard markers of one output prefix."""
 
@@ -118,37 +129,35 @@ class Manifest:
         self.out = out
 
     # ------------------------------------------------------------------ run.json
-    def claim(self, name: str, record: Callable[[], dict[str, Any]],
-              check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """The output's guard file ``<out>/<name>``: written with ``record()`` for a new prefix, else read and
-        passed to ``check`` (which raises OutputConflictError when this run may not add to the prefix).
+    def claim(self, guard: Guard) -> dict[str, Any]:
+        """The output's guard file: written with ``guard.record()`` for a new prefix, else read and passed to
+        ``guard.check`` (which raises OutputConflictError when this run may not add to the prefix).
 
         One guard for every job: ``run.json`` pins an archive to its codec, ``restore.json`` and
         ``audit.json`` pin their outputs to the archive and settings that made them. A prefix with done
         markers but no guard file is refused: nothing says how those shards were made.
         """
-        fs, path = self.out.fs, self.out.path(name)
+        fs, path = self.out.fs, self.out.path(guard.name)
         if storage.exists(fs, path):
             existing = json.loads(storage.read_bytes(fs, path))
-            check(existing)
+            guard.check(existing)
             return existing
         if self.done_shards():
-            raise OutputConflictError(f"{self.out.url} has done markers but no {name}; refusing to guess how they "
-                                      "were made")
-        new = record()
+            raise OutputConflictError(f"{self.out.url} has done markers but no {guard.name}; refusing to guess how "
+                                      "they were made")
+        new = guard.record()
         storage.write_bytes_atomic(fs, path, _dump(new))
         return new
 
-    @staticmethod
-    def run_record(identity: CodecIdentity, job_config: dict[str, Any]) -> dict[str, Any]:
-        return {"format": ARCHIVE_FORMAT, "format_version": FORMAT_VERSION, "codec": identity.to_dict(),
-                "created_at": utc_now(), "job": job_config}
+    def run_guard(self, identity: CodecIdentity, job_config: dict[str, Any]) -> Guard:
+        """``run.json``: an archive prefix holds one codec and one archive format."""
+        return Guard(RUN_FILE, lambda: {"format": ARCHIVE_FORMAT, "format_version": FORMAT_VERSION,
+                                        "codec": identity.to_dict(), "created_at": utc_now(), "job": job_config},
+                     lambda run: self._check_run(run, identity))
 
-    def run_check(self, identity: CodecIdentity) -> Callable[[dict[str, Any]], None]:
-        return lambda run: self._check_run(run, identity)
-
-    def settings_check(self, name: str, settings: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
-        """A ``claim`` check: the existing guard file's ``settings`` must equal ``settings``."""
+    def settings_guard(self, name: str, settings: dict[str, Any], extra: dict[str, Any]) -> Guard:
+        """``<name>`` holding ``settings`` (what must not change between the runs that fill this output) and
+        ``extra`` (recorded, not compared)."""
 
         def check(existing: dict[str, Any]) -> None:
             before = existing.get("settings", {})
@@ -159,7 +168,7 @@ class Manifest:
                     f"refusing to add to {self.out.url}: it was written with other settings ({shown}). "
                     "Use a new --output, or rerun with the settings that wrote it.")
 
-        return check
+        return Guard(name, lambda: {"settings": settings, **extra, "created_at": utc_now()}, check)
 
     def _check_run(self, run: dict[str, Any], identity: CodecIdentity) -> None:
         where = self.out.to_url(self.out.path(RUN_FILE))

@@ -363,7 +363,7 @@ def restore_shard(shard: ShardRef, decoder: Decoder, out: OutputLocation, config
 
 
 def restore_settings(archive_url: str, fingerprint: str, config: RestoreConfig) -> dict[str, Any]:
-    """What must stay the same across runs into one restore output (``Manifest.settings_check`` of restore.json)."""
+    """What must stay the same across runs into one restore output (the settings restore.json guards)."""
     return {"archive": archive_url, "codec_fingerprint": fingerprint, "format": config.format,
             "steps": config.steps, "detail_scale": config.detail_scale}
 

@@ -32,7 +32,7 @@ from pipeline.engine import JobOutcome, Prepared, Ran, run_job
 from pipeline.executors.base import ShardFailure
 from pipeline.failures import may_have_transient
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.manifest import RUN_FILE, Manifest, OutputLocation
+from pipeline.manifest import Manifest, OutputLocation
 from pipeline.progress import ProgressSink
 from pipeline.reader import DEFAULT_MAX_MEMBER_BYTES
 from pipeline.retry import archive_or_retry
@@ -103,10 +103,8 @@ class ArchiveTask(JobTask):
                              max_member_bytes=job.max_member_bytes, row_group_size=job.row_group_size,
                              storage_options=storage_options, expected_fingerprint=identity.fingerprint,
                              metadata=metadata)
-        manifest = Manifest(out)
         return Prepared(out, factory, config, archive_or_retry if job.retry_failed else process_shard,
-                        RUN_FILE, lambda: manifest.run_record(identity, job.to_config()),
-                        manifest.run_check(identity), state={"shards": shards})
+                        Manifest(out).run_guard(identity, job.to_config()), state={"shards": shards})
 
     def shards(self, prepared: Prepared) -> list[ShardRef]:
         shards: list[ShardRef] = prepared.state["shards"]

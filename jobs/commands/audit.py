@@ -37,7 +37,7 @@ from pipeline.audit import (
     summarize,
 )
 from pipeline.engine import JobOutcome, Prepared, Ran, run_job
-from pipeline.manifest import Manifest, OutputLocation, utc_now
+from pipeline.manifest import Manifest, OutputLocation
 from pipeline.progress import ProgressSink
 from pipeline.report import write_report
 from pipeline.shards import expand_inputs
@@ -120,10 +120,9 @@ class AuditTask(JobTask):
         settings = {"archive": archive.url, "codec_fingerprint": fingerprint, "fraction": job.fraction,
                     "seed": job.seed, "steps": job.steps, "detail_scale": job.detail_scale,
                     "fid_patch": job.fid_patch, "perceptual": list(job.perceptual)}
-        record = {"settings": settings, "job": job.to_config()}
         factory = AuditorFactory(decoder_factory, job.perceptual, job.fid_patch)
-        return Prepared(out, factory, config, audit_shard, AUDIT_FILE, lambda: {**record, "created_at": utc_now()},
-                        Manifest(out).settings_check(AUDIT_FILE, settings),
+        return Prepared(out, factory, config, audit_shard,
+                        Manifest(out).settings_guard(AUDIT_FILE, settings, {"job": job.to_config()}),
                         state={"archive": archive, "run": run, "sources": sources, "fingerprint": fingerprint,
                                "model": decoder_factory.model})
 

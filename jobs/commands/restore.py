@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.engine import JobOutcome, Prepared, Ran, run_job
-from pipeline.manifest import Manifest, OutputLocation, utc_now
+from pipeline.manifest import Manifest, OutputLocation
 from pipeline.progress import ProgressSink
 from pipeline.restore import FORMATS, RestoreConfig, config_dict, restore_settings, restore_shard
 from pipeline.types import ShardRef
@@ -65,10 +65,9 @@ class RestoreTask(JobTask):
                                expected_fingerprint=fingerprint)
         out = OutputLocation(job.output, storage_options)
         settings = restore_settings(archive.url, fingerprint, config)
-        record = {"settings": settings, "job": job.to_config(), "config": config_dict(config)}
-        return Prepared(out, factory, config, restore_shard, RESTORE_FILE,
-                        lambda: {**record, "created_at": utc_now()},
-                        Manifest(out).settings_check(RESTORE_FILE, settings), state={"archive": archive})
+        guard = Manifest(out).settings_guard(RESTORE_FILE, settings,
+                                             {"job": job.to_config(), "config": config_dict(config)})
+        return Prepared(out, factory, config, restore_shard, guard, state={"archive": archive})
 
     def shards(self, prepared: Prepared) -> list[ShardRef]:
         archive = prepared.state["archive"]

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.commands.archive import ArchiveJob, run_archive
-from pipeline.manifest import RUN_FILE, Manifest, OutputConflictError, OutputLocation
+from pipeline.manifest import RUN_FILE, Guard, Manifest, OutputConflictError, OutputLocation
 from tests.pipeline.conftest import TEST_MAX_PIXELS, ShardSpec, build_shard_specs
 
 
@@ -95,7 +95,7 @@ def test_done_markers_without_run_file_are_refused(tmp_path: Path, small_specs, 
     run_archive(job)
     (out / "run.json").unlink()
     with pytest.raises(OutputConflictError, match="no run.json"):
-        Manifest(OutputLocation(str(out))).claim(RUN_FILE, dict, lambda run: None)
+        Manifest(OutputLocation(str(out))).claim(Guard(RUN_FILE, dict, lambda run: None))
 
 
 def test_missing_shard_fails_the_run_and_a_rerun_completes_it(tmp_path: Path, small_specs, tiny_model_dir,

@@ -71,8 +71,7 @@ class CountTask(JobTask):
         out = OutputLocation(self.options.output, storage_options)
         settings = {"min_bytes": self.options.min_bytes}
         config = {"storage_options": storage_options, "min_bytes": self.options.min_bytes}
-        return Prepared(out, NoModel(), config, count_shard, "count.json", lambda: {"settings": settings},
-                        Manifest(out).settings_check("count.json", settings),
+        return Prepared(out, NoModel(), config, count_shard, Manifest(out).settings_guard("count.json", settings, {}),
                         state={"shards": expand_inputs(self.options.inputs, storage_options)})
 
     def shards(self, prepared: Prepared) -> list[ShardRef]:
