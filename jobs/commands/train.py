@@ -60,6 +60,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--rec-loss", default="l1", choices=("l1", "mse"), help="vae reconstruction loss")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the per-element KL")
     p.add_argument("--ssim-weight", type=float, default=0.2, help="vae: weight of the multi-scale DSSIM term")
+    p.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                   help="vae/prior: export an exponential moving average of the weights (e.g. 0.999; 0 = off)")
+    p.add_argument("--logvar-init", type=float, default=None, metavar="V",
+                   help="vae from random weights: initial posterior log-variance (default: diffusers' ~0)")
+    p.add_argument("--train-vae-decoder", action="store_true",
+                   help="stage2: also fine-tune the VAE decoder on the chain's own latents (not the reference's)")
     p.add_argument("--no-calibrate-scale", dest="calibrate_scale", action="store_false",
                    help="vae: keep the config's scaling_factor instead of 1/std(latent)")
     p.add_argument("--crop", type=int, default=None,
@@ -101,7 +107,9 @@ def config_from_args(args: argparse.Namespace):
         scale_range=args.scale_range, max_side=args.max_side,
         photos_dir=args.photos_dir or str(DEFAULT_PHOTOS_DIR), seed=args.seed, grad_clip=args.grad_clip,
         precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-        calibrate_scale=args.calibrate_scale, ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints,
+        calibrate_scale=args.calibrate_scale, ema_decay=args.ema_decay, logvar_init=args.logvar_init,
+        train_vae_decoder=args.train_vae_decoder,
+        ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every, device=args.device, threads=args.threads, progress=args.progress,
     )
 

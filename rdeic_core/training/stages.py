@@ -82,32 +82,43 @@ class LossSettings:
 # parameter groups
 
 
-def trainable_modules(codec: RDEICCodec, stage: str) -> dict[str, nn.Module]:
+def trainable_modules(codec: RDEICCodec, stage: str, vae_decoder: bool = False) -> dict[str, nn.Module]:
     """State-dict prefix -> module trained in ``stage`` (everything else is frozen).
 
     stage1/stage2 follow the reference's ``configure_optimizers`` with ``sd_locked``: the
-    control model (control module + 25 zero convs) and the compression module.
+    control model (control module + 25 zero convs) and the compression module. ``vae_decoder``
+    (stage 2 only) also trains the VAE decoder on the latents the chain actually produces — not the
+    reference's recipe (its SD VAE is frozen), but what a small from-scratch model gains from: a
+    decoder that has only seen clean latents renders the codec's blurrier ones worse than it could.
     """
     ne = codec.noise_estimator
+    if vae_decoder and stage != "stage2":
+        raise ValueError(f"training the VAE decoder is a stage2 option, not {stage}")
     if stage == "vae":
         return {"vae": codec.vae}
     if stage == "prior":
         return {"noise_estimator.unet": ne.unet}
     if stage in ("stage1", "stage2"):
-        return {
+        modules: dict[str, nn.Module] = {
             "compression": codec.compression,
             "noise_estimator.control": ne.control,
             "noise_estimator.enc_zero_convs_out": ne.enc_zero_convs_out,
             "noise_estimator.middle_block_out": ne.middle_block_out,
             "noise_estimator.dec_zero_convs_out": ne.dec_zero_convs_out,
         }
+        if vae_decoder:
+            vae = codec.vae.vae
+            modules["vae.vae.decoder"] = vae.decoder
+            if vae.post_quant_conv is not None:
+                modules["vae.vae.post_quant_conv"] = vae.post_quant_conv
+        return modules
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
-def prepare_for_stage(codec: RDEICCodec, stage: str) -> list[nn.Parameter]:
+def prepare_for_stage(codec: RDEICCodec, stage: str, vae_decoder: bool = False) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze (and put in train mode) the stage's modules; returns their
     parameters in a fixed order (the optimizer's)."""
-    modules = trainable_modules(codec, stage)
+    modules = trainable_modules(codec, stage, vae_decoder)
     codec.requires_grad_(False)
     codec.eval()
     params: list[nn.Parameter] = []
@@ -120,15 +131,16 @@ def prepare_for_stage(codec: RDEICCodec, stage: str) -> list[nn.Parameter]:
     return params
 
 
-def trainable_state_dict(codec: RDEICCodec, stage: str) -> dict[str, torch.Tensor]:
+def trainable_state_dict(codec: RDEICCodec, stage: str, vae_decoder: bool = False) -> dict[str, torch.Tensor]:
     """The codec state-dict entries (parameters and buffers) owned by the stage's modules."""
-    prefixes = tuple(p + "." for p in trainable_modules(codec, stage))
+    prefixes = tuple(p + "." for p in trainable_modules(codec, stage, vae_decoder))
     return {k: v for k, v in codec.state_dict().items() if k.startswith(prefixes)}
 
 
-def load_trainable_state(codec: RDEICCodec, stage: str, state: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(codec: RDEICCodec, stage: str, state: dict[str, torch.Tensor],
+                         vae_decoder: bool = False) -> None:
     """Inverse of :func:`trainable_state_dict`: every key of the stage's modules must be present."""
-    expected = set(trainable_state_dict(codec, stage))
+    expected = set(trainable_state_dict(codec, stage, vae_decoder))
     got = set(state)
     if expected != got:
         raise KeyError(f"checkpoint does not match stage {stage!r}: missing {sorted(expected - got)[:5]}, "

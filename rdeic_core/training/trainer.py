@@ -111,6 +111,14 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     grad_checkpointing: bool = False
     calibrate_scale: bool = True  # vae: set scaling_factor = 1/std(latent) at the end, as SD did
+    # vae/prior: exponential moving average of the trained weights, exported instead of the last step's
+    # (0 = off). Small batches on CPU make the last step's weights noisy; the average is what ships.
+    ema_decay: float = 0.0
+    # vae from random weights: initial posterior log-variance (the quant conv's bias). diffusers starts
+    # it near 0, i.e. unit-variance noise on every latent, which the decoder must first learn to
+    # ignore; a reconstruction VAE with a tiny KL weight wants it far below 0 anyway.
+    logvar_init: float | None = None
+    train_vae_decoder: bool = False  # stage2: also fine-tune the VAE decoder (stages.trainable_modules)
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -143,6 +151,16 @@ class TrainConfig:
             raise ValueError(f"stage1/stage2 crops must be a multiple of 64 (the codec's padding), got {c.crop}")
         if c.crop % 8:
             raise ValueError(f"crop must be a multiple of 8 (the VAE's downsampling), got {c.crop}")
+        if not 0.0 <= c.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
+        if c.ema_decay and c.stage not in ("vae", "prior"):
+            # stage 1/2 also change the VQ codebook and entropy tables outside the gradient step; an
+            # average of those would not match the tables the codec codes with
+            raise ValueError(f"ema_decay is a vae/prior option, not {c.stage}")
+        if c.train_vae_decoder and c.stage != "stage2":
+            raise ValueError(f"train_vae_decoder is a stage2 option, not {c.stage}")
+        if c.logvar_init is not None and (c.stage != "vae" or c.init):
+            raise ValueError("logvar_init applies to a vae stage from random weights (--config, no --init)")
         if c.control_ratio is not None:
             if c.stage != "stage1":
                 raise ValueError(f"control_ratio is a stage1 option (the control module is built there), "
@@ -260,7 +278,52 @@ def build_codec(cfg: TrainConfig) -> RDEICCodec:
         codec = RDEICCodec.from_config(_load_codec_config(cfg.config), seed=cfg.seed)
     if cfg.control_ratio is not None and cfg.control_ratio != codec.config.control.ratio:
         codec = with_fresh_control(codec, cfg.control_ratio, cfg.seed)
+    if cfg.logvar_init is not None:
+        set_logvar_init(codec, cfg.logvar_init)
     return codec
+
+
+def set_logvar_init(codec: RDEICCodec, value: float) -> None:
+    """Start the VAE posterior's log-variance at ``value`` (the logvar half of the quant conv's bias)."""
+    vae = codec.vae.vae
+    if vae.quant_conv is None:
+        raise ValueError("logvar_init needs the VAE's quant_conv (use_quant_conv=True)")
+    with torch.no_grad():
+        vae.quant_conv.bias[codec.config.latent_channels:] = float(value)
+    codec.refresh_fingerprint()
+
+
+class WeightAverage:
+    """EMA of a list of parameters, with the usual warm-up ``min(decay, (1 + n) / (10 + n))`` so the
+    average is not dominated by the random start in a short run."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params = params
+        self.decay = float(decay)
+        self.shadow = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"EMA state holds {len(state['shadow'])} tensors, the stage trains {len(self.shadow)}")
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+        self.updates = int(state["updates"])
 
 
 def with_fresh_control(codec: RDEICCodec, ratio: float, seed: int) -> RDEICCodec:
@@ -346,7 +409,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def _save_checkpoint(run_dir: Path, step: int, codec: RDEICCodec, stage: str, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, cfg: TrainConfig, base_fingerprint: str, env: DistEnv) -> Path:
+                     generator: torch.Generator, cfg: TrainConfig, base_fingerprint: str, env: DistEnv,
+                     ema: WeightAverage | None = None) -> Path:
     d = checkpoint_root(run_dir) / f"step_{step:08d}"
     if env.is_main:
         if d.exists():
@@ -363,9 +427,12 @@ def _save_checkpoint(run_dir: Path, step: int, codec: RDEICCodec, stage: str, op
             "world_size": env.world_size,
             "train_config": cfg.to_dict(),
             "base_fingerprint": base_fingerprint,
-            "model": {k: v.detach().cpu() for k, v in trainable_state_dict(codec, stage).items()},
+            "model": {k: v.detach().cpu()
+                      for k, v in trainable_state_dict(codec, stage, cfg.train_vae_decoder).items()},
             "optimizer": optimizer.state_dict(),
         }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         tmp = d / "state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, d / "state.pt")
@@ -379,7 +446,8 @@ def _save_checkpoint(run_dir: Path, step: int, codec: RDEICCodec, stage: str, op
 
 
 def _load_checkpoint(d: Path, codec: RDEICCodec, stage: str, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, base_fingerprint: str, env: DistEnv) -> int:
+                     generator: torch.Generator, base_fingerprint: str, env: DistEnv,
+                     ema: WeightAverage | None = None, vae_decoder: bool = False) -> int:
     state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT or int(state.get("version", 0)) > CHECKPOINT_VERSION:
         raise ValueError(f"{d} is not a readable {CHECKPOINT_FORMAT} (format={state.get('format')!r}, "
@@ -390,8 +458,12 @@ def _load_checkpoint(d: Path, codec: RDEICCodec, stage: str, optimizer: torch.op
         raise ValueError(f"{d} was trained from a different starting model (fingerprint "
                          f"{state['base_fingerprint'][:16]}…, now {base_fingerprint[:16]}…): "
                          "check --init/--config/--seed")
-    load_trainable_state(codec, stage, state["model"])
+    load_trainable_state(codec, stage, state["model"], vae_decoder)
     optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{d} holds no EMA state, but this run averages its weights (ema_decay)")
+        ema.load_state_dict(state["ema"])
     rng_file = d / f"rng_rank{env.rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), generator)
@@ -501,13 +573,14 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainResult:
     codec = build_codec(cfg)
     base_fingerprint = codec.fingerprint.hex()
     codec.to(device)
-    params = prepare_for_stage(codec, cfg.stage)
+    params = prepare_for_stage(codec, cfg.stage, cfg.train_vae_decoder)
     if cfg.grad_checkpointing:
         codec.noise_estimator.gradient_checkpointing = True
         if cfg.stage in ("vae", "stage2"):
             codec.vae.vae.enable_gradient_checkpointing()
     assert cfg.lr is not None  # train() resolved the config
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    ema = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
     perceptual, perceptual_name = _perceptual_for(cfg, device)
     stage_module = StageModule(codec, cfg.stage, TrainConfig.loss_settings(cfg), perceptual)
     model: nn.Module = stage_module
@@ -520,7 +593,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainResult:
     start_step = 0
     ckpts = list_checkpoints(run_dir)
     if ckpts:
-        start_step = _load_checkpoint(ckpts[-1][1], codec, cfg.stage, optimizer, generator, base_fingerprint, env)
+        start_step = _load_checkpoint(ckpts[-1][1], codec, cfg.stage, optimizer, generator, base_fingerprint, env,
+                                      ema, cfg.train_vae_decoder)
         if env.is_main:
             log.info("resumed %s from %s (step %d)", cfg.stage, ckpts[-1][1], start_step)
             _truncate_log(run_dir, start_step)
@@ -530,8 +604,10 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainResult:
         data = PhotoCrops.from_photos_dir(cfg.photos_dir, cfg.crop_settings(), seed=cfg.seed, max_side=cfg.max_side)
         extra = {"perceptual": perceptual_name} if cfg.stage == "stage2" else {}
         history = _loop(cfg, env, device, model, stage_module, optimizer, params, generator, data, start_step,
-                        run_dir, base_fingerprint, extra)
+                        run_dir, base_fingerprint, extra, ema)
 
+    if ema is not None:
+        ema.copy_to_params()  # the average is what ships (the checkpoints keep both)
     model_dir = None
     if env.is_main:
         model_dir = _export(cfg, codec, run_dir, perceptual_name, env, device)
@@ -543,7 +619,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainResult:
 def _loop(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Module, stage_module: StageModule,
           optimizer: torch.optim.Optimizer, params: list[nn.Parameter], generator: torch.Generator,
           data: PhotoCrops, start_step: int, run_dir: Path, base_fingerprint: str,
-          extra: dict[str, Any]) -> list[dict[str, Any]]:
+          extra: dict[str, Any], ema: WeightAverage | None = None) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     codec = stage_module.codec
@@ -567,6 +643,8 @@ def _loop(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Module
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             optimizer.step()
+            if ema is not None:
+                ema.update()
             if cfg.stage in ("stage1", "stage2"):
                 _sync_vq_codebook(codec, env)
             window.append({**terms, "grad_norm": grad_norm.detach()})
@@ -588,7 +666,8 @@ def _loop(cfg: TrainConfig, env: DistEnv, device: torch.device, model: nn.Module
                                      if k in ("loss", "l_bpp", "l_rec", "l_eps")})
             bar.update(1)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                _save_checkpoint(run_dir, done, codec, cfg.stage, optimizer, generator, cfg, base_fingerprint, env)
+                _save_checkpoint(run_dir, done, codec, cfg.stage, optimizer, generator, cfg, base_fingerprint, env,
+                                 ema)
     finally:
         bar.close()
     return history
@@ -649,9 +728,14 @@ def _export(cfg: TrainConfig, codec: RDEICCodec, run_dir: Path, perceptual_name:
     if cfg.stage in ("stage1", "stage2"):
         stage_meta.update(lambda_g=cfg.lambda_g, bpp_weight=cfg.bpp_weight)
     if cfg.stage == "stage2":
-        stage_meta.update(fixed_step=cfg.fixed_step, lpips_weight=cfg.lpips_weight, perceptual_loss=perceptual_name)
+        stage_meta.update(fixed_step=cfg.fixed_step, lpips_weight=cfg.lpips_weight, perceptual_loss=perceptual_name,
+                          train_vae_decoder=cfg.train_vae_decoder)
+    if cfg.ema_decay:
+        stage_meta.update(ema_decay=cfg.ema_decay)
     if cfg.stage == "vae":
         stage_meta.update(rec_loss=cfg.rec_loss, kl_weight=cfg.kl_weight, ssim_weight=cfg.ssim_weight)
+        if cfg.logvar_init is not None:
+            stage_meta.update(logvar_init=cfg.logvar_init)
         if cfg.calibrate_scale:
             data = PhotoCrops.from_photos_dir(cfg.photos_dir, crop, seed=cfg.seed, max_side=cfg.max_side)
             factor, std = calibrate_scaling_factor(codec, data, device, seed=cfg.seed)

@@ -89,3 +89,48 @@ def test_resume_accepts_the_same_init_spelled_relative_or_absolute(tmp_path, mon
     _check_resume_config(run, TrainConfig(stage="stage1", run_dir="run", init="./prev/../prev/model"))
     with pytest.raises(ValueError, match="init"):
         _check_resume_config(run, TrainConfig(stage="stage1", run_dir="run", init="other"))
+
+
+def _vae_cfg(run_dir, photos, steps, **kw) -> TrainConfig:
+    return _cfg(run_dir, photos, steps, stage="vae", ema_decay=0.9, ssim_weight=0.0, **kw)
+
+
+def test_ema_weights_are_exported_and_survive_a_resume(tmp_path, mini_photos_dir):
+    """--ema-decay: the exported model holds the average, not the last step's weights, and a run
+    resumed from a checkpoint ends with the same average as an uninterrupted one."""
+    import torch
+
+    straight = train(_vae_cfg(tmp_path / "a", mini_photos_dir, steps=3))
+    ckpt = torch.load(list_checkpoints(tmp_path / "a")[-1][1] / "state.pt", weights_only=False)
+    last_step = ckpt["model"]["vae.vae.decoder.conv_out.weight"]
+    exported = RDEICCodec.from_pretrained(straight.model_dir).state_dict()["vae.vae.decoder.conv_out.weight"]
+    assert ckpt["ema"]["updates"] == 3
+    assert not torch.equal(last_step, exported)
+    meta = json.loads((straight.model_dir / "config.json").read_text())
+    assert meta["training"]["stages"][-1]["ema_decay"] == 0.9
+
+    train(_vae_cfg(tmp_path / "b", mini_photos_dir, steps=3))
+    ckpts = list_checkpoints(tmp_path / "b")
+    shutil.rmtree(ckpts[-1][1])
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = train(_vae_cfg(tmp_path / "b", mini_photos_dir, steps=3))
+    assert resumed.start_step == 2
+    fa = json.loads((straight.model_dir / "config.json").read_text())["fingerprint"]
+    fb = json.loads((resumed.model_dir / "config.json").read_text())["fingerprint"]
+    assert fa == fb
+
+
+def test_logvar_init_sets_the_starting_posterior_and_only_for_a_fresh_vae(tmp_path, mini_photos_dir):
+    from rdeic_core.training.trainer import build_codec
+
+    cfg = _cfg(tmp_path / "l", mini_photos_dir, steps=1, stage="vae", logvar_init=-8.0).resolved()
+    codec = build_codec(cfg)
+    bias = codec.vae.vae.quant_conv.bias.detach()
+    c = codec.config.latent_channels
+    assert bool((bias[c:] == -8.0).all()) and not bool((bias[:c] == -8.0).any())
+    with pytest.raises(ValueError, match="logvar_init"):
+        _cfg(tmp_path / "m", mini_photos_dir, steps=1, stage="vae", logvar_init=-8.0, init=str(tmp_path)).resolved()
+    with pytest.raises(ValueError, match="ema_decay"):
+        _cfg(tmp_path / "n", mini_photos_dir, steps=1, stage="stage1", ema_decay=0.9).resolved()
+    with pytest.raises(ValueError, match="train_vae_decoder"):
+        _cfg(tmp_path / "o", mini_photos_dir, steps=1, stage="stage1", train_vae_decoder=True).resolved()

@@ -172,3 +172,28 @@ def test_fresh_control_keeps_every_other_weight_and_starts_silent():
         TrainConfig(stage="stage2", run_dir="r", control_ratio=1.0).resolved()
     with pytest.raises(ValueError, match="> 0"):
         TrainConfig(stage="stage1", run_dir="r", control_ratio=0.0).resolved()
+
+
+def test_stage2_can_also_train_the_vae_decoder_and_only_it(images):
+    """``vae_decoder``: stage 2 also moves the VAE decoder (and post-quant conv); the VAE encoder, the
+    UNet and the context stay bit-identical, and no other stage accepts the option."""
+    codec = RDEICCodec.from_config("tiny", seed=0)
+    params = prepare_for_stage(codec, "stage2", vae_decoder=True)
+    owned = set(trainable_state_dict(codec, "stage2", vae_decoder=True))
+    assert any(k.startswith("vae.vae.decoder.") for k in owned)
+    assert any(k.startswith("vae.vae.post_quant_conv.") for k in owned)
+    assert not any(k.startswith(("vae.vae.encoder.", "vae.vae.quant_conv.", "noise_estimator.unet.")) for k in owned)
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    out = run_step("stage2", codec, images, torch.Generator().manual_seed(0), LossSettings(fixed_step=2), None)
+    out.total.backward()
+    opt.step()
+    after = codec.state_dict()
+    assert not torch.equal(before["vae.vae.decoder.conv_out.weight"], after["vae.vae.decoder.conv_out.weight"])
+    changed_outside = [k for k in after if k not in owned and not torch.equal(before[k], after[k])]
+    assert not changed_outside, changed_outside[:5]
+    # without the option the decoder is frozen, as the reference's
+    assert not any(k.startswith("vae.") for k in trainable_state_dict(codec, "stage2"))
+    for stage in ("vae", "prior", "stage1"):
+        with pytest.raises(ValueError, match="stage2 option"):
+            trainable_modules(codec, stage, vae_decoder=True)
