@@ -61,6 +61,16 @@ def sample_train_timesteps(batch: int, cfg: ScheduleConfig, generator: torch.Gen
     return torch.randint(0, cfg.used_timesteps, (batch,), generator=generator).to(device)
 
 
+LOWFREQ_BLOCK = 16
+
+
+def lowfreq_mse(x_hat: torch.Tensor, x: torch.Tensor, block: int = LOWFREQ_BLOCK) -> torch.Tensor:
+    """MSE of the ``block`` x ``block`` means: the error of the colour and of the low frequencies only
+    (crops smaller than a block use their whole mean)."""
+    k = min(block, x.shape[-2], x.shape[-1])
+    return F.mse_loss(F.avg_pool2d(x_hat, k), F.avg_pool2d(x, k))
+
+
 @dataclass
 class LossTerms:
     total: torch.Tensor
@@ -84,18 +94,24 @@ def stage2_loss(x_hat: torch.Tensor, x: torch.Tensor, zc: torch.Tensor, z0: torc
                 vq_loss: torch.Tensor, lambda_g: float,
                 lpips_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
                 lpips_weight: float = 0.5, bpp_weight: float = 1.0,
-                q_bpp: torch.Tensor | None = None) -> LossTerms:
+                q_bpp: torch.Tensor | None = None, lowfreq_weight: float = 0.0) -> LossTerms:
     """L2 = λ_g(MSE(x̂, x) + 0.5·LPIPS(x̂, x) + ‖z_c − z0‖²) + R_y + L_vq, images in [−1, 1].
 
     The reference also computes a latent MSE of the sampled x̂_0 and then
-    overwrites it (unused), so it is not part of the loss here either.
+    overwrites it (unused), so it is not part of the loss here either. ``lowfreq_weight`` (not the
+    reference's, 0 by default) adds ``λ_g · w · lowfreq_mse(x̂, x)`` inside the bracket.
     """
     l_mse = F.mse_loss(x_hat, x)
     l_lpips = lpips_fn(x_hat, x).mean() if lpips_fn is not None else torch.zeros((), device=x.device)
     l_guide = F.mse_loss(zc, z0)
-    total = lambda_g * (l_mse + lpips_weight * l_lpips + l_guide) + bpp_weight * (bpp + vq_loss)
-    terms = {"l_mse": l_mse, "l_lpips": l_lpips, "l_guide": l_guide, "l_bpp": bpp, "l_vq": vq_loss,
-             "loss": total}
+    image_terms = l_mse + lpips_weight * l_lpips + l_guide
+    terms = {"l_mse": l_mse, "l_lpips": l_lpips, "l_guide": l_guide, "l_bpp": bpp, "l_vq": vq_loss}
+    if lowfreq_weight > 0:
+        l_lowfreq = lowfreq_mse(x_hat, x)
+        image_terms = image_terms + lowfreq_weight * l_lowfreq
+        terms["l_lowfreq"] = l_lowfreq
+    total = lambda_g * image_terms + bpp_weight * (bpp + vq_loss)
+    terms["loss"] = total
     if q_bpp is not None:
         terms["q_bpp"] = q_bpp
     return LossTerms(total, {k: v.detach() for k, v in terms.items()})

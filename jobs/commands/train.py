@@ -60,6 +60,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--rec-loss", default="l1", choices=("l1", "mse"), help="vae reconstruction loss")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the per-element KL")
     p.add_argument("--ssim-weight", type=float, default=0.2, help="vae: weight of the multi-scale DSSIM term")
+    p.add_argument("--lowfreq-weight", type=float, default=0.0, metavar="W",
+                   help="vae/stage2: weight of an extra MSE of 16x16 block means (colour, low frequencies; 0 = off)")
     p.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
                    help="vae/prior: export an exponential moving average of the weights (e.g. 0.999; 0 = off)")
     p.add_argument("--logvar-init", type=float, default=None, metavar="V",
@@ -108,7 +110,7 @@ def config_from_args(args: argparse.Namespace):
         photos_dir=args.photos_dir or str(DEFAULT_PHOTOS_DIR), seed=args.seed, grad_clip=args.grad_clip,
         precision=args.precision, grad_checkpointing=args.grad_checkpointing,
         calibrate_scale=args.calibrate_scale, ema_decay=args.ema_decay, logvar_init=args.logvar_init,
-        train_vae_decoder=args.train_vae_decoder,
+        train_vae_decoder=args.train_vae_decoder, lowfreq_weight=args.lowfreq_weight,
         ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every, device=args.device, threads=args.threads, progress=args.progress,
     )

@@ -38,6 +38,7 @@ from ..codec import RDEICCodec
 from ..compression import CompressionOutput
 from ..losses import (
     LossTerms,
+    lowfreq_mse,
     predict_x0,
     rate_bpp,
     residual_forward,
@@ -65,6 +66,10 @@ class LossSettings:
     rec_loss: str = "l1"  # vae: "l1" or "mse"
     kl_weight: float = 1e-4  # vae: weight of the per-element KL(q(z|x) ‖ N(0, I))
     ssim_weight: float = 0.2  # vae: weight of the multi-scale DSSIM term (0 = off)
+    # vae and stage 2: weight of an extra MSE between 16x16 block means of the output and the input
+    # (0 = off, the reference). Plain MSE weighs a colour cast no more than any other error of the
+    # same energy; this term makes the low frequencies — mean colour above all — cost more.
+    lowfreq_weight: float = 0.0
 
     def validate(self) -> None:
         if self.lambda_g <= 0:
@@ -73,7 +78,7 @@ class LossSettings:
             raise ValueError(f"fixed_step must be >= 1 for stage-2 fine-tuning, got {self.fixed_step}")
         if self.rec_loss not in ("l1", "mse"):
             raise ValueError(f"rec_loss must be 'l1' or 'mse', got {self.rec_loss!r}")
-        for name in ("bpp_weight", "lpips_weight", "kl_weight", "ssim_weight"):
+        for name in ("bpp_weight", "lpips_weight", "kl_weight", "ssim_weight", "lowfreq_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -256,6 +261,10 @@ def vae_step(codec: RDEICCodec, x: torch.Tensor, generator: torch.Generator, set
         l_kl = 0.5 * torch.mean(mean**2 + torch.exp(logvar) - 1.0 - logvar)
         total = l_rec + settings.kl_weight * l_kl
         terms = {"l_rec": l_rec, "l_kl": l_kl}
+        if settings.lowfreq_weight > 0:
+            l_lowfreq = lowfreq_mse(x_hat, x)
+            total = total + settings.lowfreq_weight * l_lowfreq
+            terms["l_lowfreq"] = l_lowfreq
         if settings.ssim_weight > 0 and ssim_fn is not None:
             l_ssim = ssim_fn(x_hat, x).mean()
             total = total + settings.ssim_weight * l_ssim
@@ -332,7 +341,8 @@ def stage2_step(codec: RDEICCodec, x: torch.Tensor, generator: torch.Generator,
     x_hat = codec.vae.decode(z_hat)
     with full_precision(x.device):
         return stage2_loss(x_hat.float(), x, zc, z0, bpp, comp.vq_loss, settings.lambda_g, perceptual_fn,
-                           lpips_weight=settings.lpips_weight, bpp_weight=settings.bpp_weight, q_bpp=q_bpp)
+                           lpips_weight=settings.lpips_weight, bpp_weight=settings.bpp_weight, q_bpp=q_bpp,
+                           lowfreq_weight=settings.lowfreq_weight)
 
 
 def run_step(stage: str, codec: RDEICCodec, x: torch.Tensor, generator: torch.Generator,

@@ -101,6 +101,7 @@ class TrainConfig:
     rec_loss: str = "l1"
     kl_weight: float = 1e-4
     ssim_weight: float = 0.2
+    lowfreq_weight: float = 0.0  # vae/stage2: extra MSE of 16x16 block means (losses.lowfreq_mse)
     perceptual: str = "auto"  # stage 2: auto | lpips | ms-ssim | none
     crop: int | None = None  # None: the stage's reference default
     scale_range: tuple[float, float] | None = None  # None: reference (stage2: random_crop_arr_256's)
@@ -157,6 +158,8 @@ class TrainConfig:
             # stage 1/2 also change the VQ codebook and entropy tables outside the gradient step; an
             # average of those would not match the tables the codec codes with
             raise ValueError(f"ema_decay is a vae/prior option, not {c.stage}")
+        if c.lowfreq_weight and c.stage not in ("vae", "stage2"):
+            raise ValueError(f"lowfreq_weight is a vae/stage2 option (an image-space loss), not {c.stage}")
         if c.train_vae_decoder and c.stage != "stage2":
             raise ValueError(f"train_vae_decoder is a stage2 option, not {c.stage}")
         if c.logvar_init is not None and (c.stage != "vae" or c.init):
@@ -181,7 +184,7 @@ class TrainConfig:
     def loss_settings(c: TrainConfig) -> LossSettings:
         return LossSettings(lambda_g=c.lambda_g, bpp_weight=c.bpp_weight, fixed_step=c.fixed_step,
                             lpips_weight=c.lpips_weight, rec_loss=c.rec_loss, kl_weight=c.kl_weight,
-                            ssim_weight=c.ssim_weight)
+                            ssim_weight=c.ssim_weight, lowfreq_weight=c.lowfreq_weight)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -488,7 +491,9 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     path = run_dir / "train_config.json"
     if not path.is_file():
         return
-    stored = json.loads(path.read_text())
+    # a field this run's trainer has and the stored run's did not was at its default there
+    defaults = TrainConfig(stage=cfg.stage, run_dir=cfg.run_dir).to_dict()
+    stored = {**defaults, **json.loads(path.read_text())}
     now = cfg.to_dict()
     diff = {k: (stored.get(k), now.get(k)) for k in set(stored) | set(now)
             if k not in _RESUMABLE_CHANGES and not _same_setting(k, stored.get(k), now.get(k))}
@@ -732,6 +737,8 @@ def _export(cfg: TrainConfig, codec: RDEICCodec, run_dir: Path, perceptual_name:
                           train_vae_decoder=cfg.train_vae_decoder)
     if cfg.ema_decay:
         stage_meta.update(ema_decay=cfg.ema_decay)
+    if cfg.lowfreq_weight:
+        stage_meta.update(lowfreq_weight=cfg.lowfreq_weight)
     if cfg.stage == "vae":
         stage_meta.update(rec_loss=cfg.rec_loss, kl_weight=cfg.kl_weight, ssim_weight=cfg.ssim_weight)
         if cfg.logvar_init is not None:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rdeic_core.losses import rate_bpp, stage1_loss, stage2_loss
+from rdeic_core.losses import lowfreq_mse, rate_bpp, stage1_loss, stage2_loss
 
 
 def _t(*shape, seed=0):
@@ -43,3 +43,26 @@ def test_stage2_composition_and_gradients():
     assert out.total.item() == pytest.approx(expect.item(), rel=1e-6)
     out.total.backward()
     assert xh.grad is not None and zc.grad is not None and math.isfinite(xh.grad.abs().sum().item())
+
+
+def test_lowfreq_mse_sees_block_means_only():
+    x = torch.zeros(1, 3, 32, 32)
+    checker = x.clone()
+    checker[..., ::2, ::2] = 0.5
+    checker[..., 1::2, 1::2] = -0.5  # zero mean in every 16x16 block: invisible to the term
+    assert float(lowfreq_mse(checker, x)) == 0.0
+    cast = x + 0.1  # a colour cast is all low frequency
+    assert math.isclose(float(lowfreq_mse(cast, x)), 0.01, rel_tol=1e-4)
+    assert math.isclose(float(lowfreq_mse(cast[..., :8, :8], x[..., :8, :8])), 0.01, rel_tol=1e-4)  # < a block
+
+
+def test_stage2_lowfreq_term_is_inside_lambda_and_off_by_default():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    x_hat = x + 0.05
+    zc, z0 = torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4)
+    zero = torch.zeros(())
+    off = stage2_loss(x_hat, x, zc, z0, zero, zero, lambda_g=2.0, lpips_fn=None)
+    on = stage2_loss(x_hat, x, zc, z0, zero, zero, lambda_g=2.0, lpips_fn=None, lowfreq_weight=3.0)
+    assert "l_lowfreq" not in off.terms
+    assert math.isclose(float(on.total - off.total), 2.0 * 3.0 * float(on.terms["l_lowfreq"]), rel_tol=1e-5)

@@ -134,3 +134,19 @@ def test_logvar_init_sets_the_starting_posterior_and_only_for_a_fresh_vae(tmp_pa
         _cfg(tmp_path / "n", mini_photos_dir, steps=1, stage="stage1", ema_decay=0.9).resolved()
     with pytest.raises(ValueError, match="train_vae_decoder"):
         _cfg(tmp_path / "o", mini_photos_dir, steps=1, stage="stage1", train_vae_decoder=True).resolved()
+
+
+def test_a_run_from_before_an_option_existed_resumes_at_its_default(tmp_path, mini_photos_dir):
+    """train_config.json of an older trainer lacks the fields added since: they were at their defaults."""
+    cfg = dict(stage="vae", ssim_weight=0.0, ckpt_every=1)
+    train(_cfg(tmp_path / "d", mini_photos_dir, steps=1, **cfg))
+    path = tmp_path / "d" / "train_config.json"
+    stored = json.loads(path.read_text())
+    for key in ("lowfreq_weight", "ema_decay", "logvar_init"):
+        del stored[key]
+    path.write_text(json.dumps(stored))
+    res = train(_cfg(tmp_path / "d", mini_photos_dir, steps=2, **cfg))
+    assert res.start_step == 1
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="lowfreq_weight: stored 0.0 vs now 1.0"):
+        train(_cfg(tmp_path / "d", mini_photos_dir, steps=3, lowfreq_weight=1.0, **cfg))
